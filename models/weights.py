@@ -1,0 +1,198 @@
+"""The one safe loader for every weight file the pack reads.
+
+* ``.safetensors`` / ``.sft``: read with safetensors (no code can run).
+* torch pickles (``.pth .pt .ckpt .bin``): ``torch.load(weights_only=True)`` only. Some released files carry
+  harmless Python objects beside the tensors (MAE's training code stores an ``argparse.Namespace`` under
+  ``args``; Lightning checkpoints may carry hyper-parameter containers). Those globals are listed in
+  :data:`INERT_PICKLE_GLOBALS`; when a file needs them they are mapped onto :class:`InertPickledObject`, a
+  class that only stores what the pickle hands it and never runs code. Any other global is refused with
+  an error that names it. There is no unrestricted unpickle anywhere in the pack.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import zipfile
+from typing import Any, Iterable, Mapping
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
+PICKLE_EXTENSIONS = (".pth", ".pt", ".ckpt", ".bin")
+WEIGHT_EXTENSIONS = SAFETENSORS_EXTENSIONS + PICKLE_EXTENSIONS
+
+# Globals that released checkpoints carry next to their tensors and that are mapped to an inert holder.
+INERT_PICKLE_GLOBALS = frozenset({
+    "argparse.Namespace",                                   # MAE training code: checkpoint["args"]
+    "pytorch_lightning.utilities.parsing.AttributeDict",    # Lightning hyper_parameters
+    "lightning.fabric.utilities.data.AttributeDict",
+    "omegaconf.dictconfig.DictConfig",
+    "omegaconf.listconfig.ListConfig",
+    "omegaconf.base.ContainerMetadata",
+    "omegaconf.base.Metadata",
+    "omegaconf.nodes.AnyNode",
+    "typing.Any",
+    "pathlib.PosixPath",
+    "pathlib.WindowsPath",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.dtype",
+})
+
+
+class CheckpointFormatError(ValueError):
+    """A weight file is missing, unreadable, unsafe, or not in the layout a loader expects."""
+
+
+class InertPickledObject:
+    """Stand-in for an allow-listed non-tensor object inside a pickle: it keeps its data, runs no code."""
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.args = args
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):
+        self.__dict__.setdefault("items", {})[key] = value
+
+
+def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointFormatError(
+            f"{os.path.basename(path)} is not a readable safetensors file ({e}). "
+            "Check that the download is complete and that the file really is .safetensors.") from e
+
+
+def _load_pickle(path: str) -> Any:
+    name = os.path.basename(path)
+    kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": True}
+    if zipfile.is_zipfile(path):
+        kwargs["mmap"] = True  # large files (the T5-side alignment is ~4 GB) are not read into RAM twice
+    try:
+        return torch.load(path, **kwargs)
+    except pickle.UnpicklingError as first:
+        try:
+            needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception as e:
+            raise CheckpointFormatError(
+                f"{name} could not be loaded safely ({first}). Only tensors and plain containers are "
+                "accepted from torch pickles; convert the file to .safetensors.") from e
+        refused = sorted(needed - INERT_PICKLE_GLOBALS)
+        if refused:
+            raise CheckpointFormatError(
+                f"{name} contains Python objects that cannot be loaded safely: {', '.join(refused)}. "
+                "Only tensors, plain containers and the allow-listed objects "
+                f"({', '.join(sorted(INERT_PICKLE_GLOBALS))}) are accepted; convert the file to "
+                ".safetensors.") from first
+        log.info("%s: mapping %s to inert placeholders", name, ", ".join(sorted(needed)))
+        with torch.serialization.safe_globals([(InertPickledObject, g) for g in sorted(needed)]):
+            return torch.load(path, **kwargs)
+    except Exception as e:  # torch raises many types for a damaged or foreign file
+        raise CheckpointFormatError(
+            f"{name} is not a readable torch checkpoint ({e}). Check that the download is complete.") from e
+
+
+def load_weights(path: str) -> Any:
+    """Read a weight file safely. Returns what the file holds (a dict of tensors, a nested dict, a tensor)."""
+    if not os.path.isfile(path):
+        raise CheckpointFormatError(f"weight file not found: {path}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext in SAFETENSORS_EXTENSIONS:
+        return _load_safetensors(path)
+    if ext in PICKLE_EXTENSIONS:
+        return _load_pickle(path)
+    raise CheckpointFormatError(
+        f"{os.path.basename(path)}: unsupported file type '{ext}'; expected one of {', '.join(WEIGHT_EXTENSIONS)}")
+
+
+def tensor_dict(obj: Any, path: str, containers: Iterable[str] = ("state_dict", "model")) -> dict[str, torch.Tensor]:
+    """The flat ``{name: tensor}`` mapping inside a loaded file, unwrapping ``state_dict`` / ``model`` keys."""
+    if isinstance(obj, Mapping):
+        for key in containers:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+    raise CheckpointFormatError(
+        f"{os.path.basename(path)} holds no tensors by name (found {type(obj).__name__}); "
+        "expected a state dict, optionally under 'state_dict' or 'model'")
+
+
+def single_tensor(obj: Any, path: str) -> torch.Tensor:
+    """A file that stores one tensor: a bare tensor pickle, or a safetensors/dict file with one entry."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, Mapping):
+        tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
+        if len(tensors) == 1:
+            return tensors[0]
+        raise CheckpointFormatError(
+            f"{os.path.basename(path)} holds {len(tensors)} tensors; expected exactly one (an embedding)")
+    raise CheckpointFormatError(f"{os.path.basename(path)} holds a {type(obj).__name__}; expected a tensor")
+
+
+def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Keys under ``prefix`` with the prefix removed; other keys are dropped."""
+    n = len(prefix)
+    return {k[n:]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def count_indexed(sd: Mapping[str, Any], prefix: str) -> int:
+    """Number of consecutive ``prefix{i}.`` groups in a state dict (``blocks.0.`` … ``blocks.N-1.``)."""
+    n = 0
+    while any(k.startswith(f"{prefix}{n}.") for k in sd):
+        n += 1
+    return n
+
+
+def require_keys(sd: Mapping[str, Any], keys: Iterable[str], what: str, path: str) -> None:
+    missing = [k for k in keys if k not in sd]
+    if missing:
+        found = ", ".join(sorted(sd)[:6]) + (" …" if len(sd) > 6 else "")
+        raise CheckpointFormatError(
+            f"{os.path.basename(path)} is not {what}: missing {', '.join(missing[:4])}"
+            f"{' …' if len(missing) > 4 else ''}. Found keys: {found}")
+
+
+def build_from_state_dict(factory, sd: Mapping[str, torch.Tensor], path: str, what: str, dtype=None,
+                          ignore_unexpected: Iterable[str] = ()) -> torch.nn.Module:
+    """Build ``factory(device='meta')`` and adopt the file's tensors (no second copy in memory), then cast.
+
+    Every parameter the architecture needs must be in the file (an error names the missing ones); keys
+    the architecture does not use are an error too, except prefixes listed in ``ignore_unexpected``.
+    """
+    module = factory(device="meta")
+    expected = set(module.state_dict())
+    ignored = tuple(ignore_unexpected)
+    extra = sorted(k for k in sd if k not in expected and not k.startswith(ignored))
+    missing = sorted(expected - set(sd))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors ({', '.join(missing[:4])}{' …' if len(missing) > 4 else ''})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected tensors ({', '.join(extra[:4])}{' …' if len(extra) > 4 else ''})")
+        raise CheckpointFormatError(f"{os.path.basename(path)} does not match {what}: {'; '.join(parts)}")
+    shapes = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in module.state_dict().items() if sd[k].shape != v.shape]
+    if shapes:
+        k, got, want = shapes[0]
+        raise CheckpointFormatError(f"{os.path.basename(path)}: {k} has shape {got}, {what} needs {want}")
+    module.load_state_dict({k: sd[k] for k in expected}, strict=True, assign=True)
+    if dtype is not None:
+        module.to(dtype)
+    return module.eval().requires_grad_(False)

@@ -1,0 +1,245 @@
+"""ASUKA nodes: MAE-prior conditioning and the harmonizing decoder."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io
+
+import comfy.model_management as mm
+import comfy.utils
+
+from ..models import asuka
+from ..models.harmonizing_decoder import decode_tiled, tile_count
+from .common import (Precision, bchw_to_image, comfy_build_kwargs, image_to_bchw, mask_to_b1hw, match_image_mask,
+                     model_files, model_path, resolve_dtype, wrap_patcher)
+
+log = logging.getLogger(__name__)
+CATEGORY = "inpaint/consistent/ASUKA"
+AsukaPriorType = io.Custom("ASUKA_PRIOR")
+DecoderType = io.Custom("HARMONIZING_DECODER")
+
+
+@dataclass(frozen=True)
+class AsukaPrior:
+    """Loaded ASUKA prior: MAE + alignment(s) in ModelPatchers, and the null embeddings. Immutable."""
+    mae: object
+    tokens: object
+    pooled: Optional[object]
+    nulls: asuka.NullEmbeddings
+
+    def models(self) -> list:
+        return [p for p in (self.mae, self.tokens, self.pooled) if p is not None]
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor, mask: torch.Tensor, weight: float):
+        """image [B,3,H,W] in [0,1], mask [B,1,H,W] -> (tokens [B,L,D], pooled [B,D'] | None, preview [B,3,256,256])."""
+        mm.load_models_gpu(self.models())
+        device = self.mae.load_device
+        prior, preview = self.mae.model(image.to(device), mask.to(device), reconstruct=True)
+        tokens, pooled = asuka.asuka_condition(prior, self.tokens.model,
+                                               self.pooled.model if self.pooled is not None else None,
+                                               self.nulls, weight)
+        out_device = mm.intermediate_device()
+        return tokens.to(out_device), None if pooled is None else pooled.to(out_device), preview.to(out_device)
+
+
+@dataclass(frozen=True)
+class HarmonizingDecoder:
+    patcher: object
+
+    @property
+    def config(self):
+        return self.patcher.model.config
+
+    def models(self) -> list:
+        return [self.patcher]
+
+
+class ASUKALoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentInpaintASUKALoader",
+            display_name="Load ASUKA Prior",
+            category=CATEGORY,
+            description="Loads ASUKA's MAE prior, alignment module(s) and null embeddings from models/asuka.",
+            inputs=[
+                io.Combo.Input("mae", options=model_files("asuka"), tooltip="MAE prior, e.g. mae_300.pth"),
+                io.Combo.Input("alignment", options=model_files("asuka"),
+                               tooltip="Alignment producing the condition tokens: asuka_alignment_t5.pt (FLUX.1-Fill) "
+                                       "or an SD1.5 alignment (768-wide tokens)"),
+                io.Combo.Input("alignment_pooled", options=model_files("asuka", allow_none=True),
+                               tooltip="Alignment for the pooled vector: asuka_alignment_clip.pt (FLUX); none for SD"),
+                io.Combo.Input("null_tokens", options=model_files("asuka", allow_none=True),
+                               tooltip="Null token embedding mixed with the prior: txt_256.pt (FLUX); none for SD"),
+                io.Combo.Input("null_pooled", options=model_files("asuka", allow_none=True),
+                               tooltip="Null pooled embedding: vec.pt (FLUX); none for SD"),
+                io.Combo.Input("dtype", options=Precision, default=Precision.AUTO,
+                               tooltip="auto: bfloat16 where supported, else float16, float32 on CPU", optional=True),
+            ],
+            outputs=[AsukaPriorType.Output(display_name="ASUKA_PRIOR")],
+        )
+
+    @classmethod
+    def execute(cls, mae, alignment, alignment_pooled, null_tokens, null_pooled, dtype=Precision.AUTO.value):
+        device, offload = mm.text_encoder_device(), mm.text_encoder_offload_device()
+        kw = comfy_build_kwargs(device)
+        dt = resolve_dtype(dtype, device)
+        mae_m = asuka.load_mae(model_path("asuka", mae), dt, **kw)
+        tok_m = asuka.load_alignment(model_path("asuka", alignment), dt, **kw)
+        pooled_path = model_path("asuka", alignment_pooled)
+        pool_m = asuka.load_alignment(pooled_path, dt, **kw) if pooled_path else None
+        nt, npool = model_path("asuka", null_tokens), model_path("asuka", null_pooled)
+        nulls = asuka.NullEmbeddings(asuka.load_null_tokens(nt) if nt else None,
+                                     asuka.load_null_pooled(npool) if npool else None)
+        asuka.check_compatible(mae_m, tok_m, pool_m, nulls)
+        prior = AsukaPrior(wrap_patcher(mae_m, device, offload), wrap_patcher(tok_m, device, offload),
+                           wrap_patcher(pool_m, device, offload) if pool_m is not None else None, nulls)
+        return io.NodeOutput(prior)
+
+
+class ASUKAConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentInpaintASUKAConditioning",
+            display_name="ASUKA Prior Conditioning",
+            category=CATEGORY,
+            description="Replaces the text conditioning with ASUKA's aligned MAE prior of the masked image.",
+            inputs=[
+                AsukaPriorType.Input("asuka_prior"),
+                io.Image.Input("image"),
+                io.Mask.Input("mask", tooltip="1 = area to inpaint"),
+                io.Float.Input("condition_weight", default=0.5, min=0.0, max=2.0, step=0.01,
+                               tooltip="w in null + w·(prior − null); the authors use 0.5. Ignored for outputs "
+                                       "without a null embedding (SD variant)"),
+            ],
+            outputs=[io.Conditioning.Output(display_name="CONDITIONING"),
+                     io.Image.Output(display_name="prior_preview",
+                                     tooltip="The MAE reconstruction, resized to the input size")],
+        )
+
+    @classmethod
+    def execute(cls, asuka_prior, image, mask, condition_weight):
+        img, m = match_image_mask(image_to_bchw(image), mask_to_b1hw(mask))
+        tokens, pooled, preview = asuka_prior.encode(img, m, condition_weight)
+        extra = {} if pooled is None else {"pooled_output": pooled}
+        preview = F.interpolate(preview, size=img.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
+        return io.NodeOutput([[tokens, extra]], bchw_to_image(preview))
+
+
+class HarmonizingDecoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentInpaintHarmonizingDecoderLoader",
+            display_name="Load Harmonizing Decoder",
+            category=CATEGORY,
+            description="Loads ASUKA's harmonizing VAE decoder (asuka_decoder.ckpt; 16-channel FLUX or 4-channel SD).",
+            inputs=[io.Combo.Input("decoder", options=model_files("asuka"), tooltip="asuka_decoder.ckpt"),
+                    io.Combo.Input("dtype", options=Precision, default=Precision.AUTO, optional=True)],
+            outputs=[DecoderType.Output(display_name="HARMONIZING_DECODER")],
+        )
+
+    @classmethod
+    def execute(cls, decoder, dtype=Precision.AUTO.value):
+        device, offload = mm.vae_device(), mm.vae_offload_device()
+        module = asuka.load_decoder(model_path("asuka", decoder), resolve_dtype(dtype, device),
+                                    **comfy_build_kwargs(device))
+        return io.NodeOutput(HarmonizingDecoder(wrap_patcher(module, device, offload)))
+
+
+def crop_to_latent(x: torch.Tensor, h: int, w: int, name: str) -> torch.Tensor:
+    """Centre-crop [B,C,H,W] to h x w when H, W only differ by the rounding core InpaintModelConditioning does."""
+    H, W = x.shape[-2:]
+    if (H, W) == (h, w):
+        return x
+    if H // 8 * 8 != h or W // 8 * 8 != w:
+        raise ValueError(f"the latent decodes to {w}x{h} but {name} is {W}x{H}; pass the image the latent was "
+                         "made from (same size, or the same rounded down to a multiple of 8)")
+    oy, ox = (H % 8) // 2, (W % 8) // 2
+    return x[..., oy:oy + h, ox:ox + w]
+
+
+class HarmonizingDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentInpaintHarmonizingDecode",
+            display_name="Harmonizing Decode",
+            category=CATEGORY,
+            description="VAE-decodes a LATENT with the original image and mask so the fill matches the known colours.",
+            inputs=[
+                io.Latent.Input("samples"),
+                DecoderType.Input("decoder"),
+                io.Image.Input("image", tooltip="The original image (known pixels come from here)"),
+                io.Mask.Input("mask", tooltip="1 = inpainted area"),
+                io.Int.Input("tile_size", default=0, min=0, max=8192, step=64,
+                             tooltip="Decode in tiles of this many pixels (0 = whole image; falls back to 1024 on OOM)"),
+                io.Int.Input("overlap", default=64, min=0, max=1024, step=8, tooltip="Tile overlap in pixels"),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, tile_size, overlap, **kwargs):
+        if tile_size and tile_size < 64:
+            return "tile_size must be 0 (whole image) or at least 64 pixels"
+        if tile_size and overlap >= tile_size:
+            return f"overlap ({overlap}) must be smaller than tile_size ({tile_size})"
+        return True
+
+    @classmethod
+    @torch.no_grad()
+    def execute(cls, samples, decoder, image, mask, tile_size, overlap):
+        z = samples["samples"]
+        if z.ndim != 4:
+            raise ValueError(f"samples must be an image latent [B,C,h,w]; got shape {tuple(z.shape)}")
+        cfg = decoder.config
+        if z.shape[1] != cfg.z_channels:
+            raise ValueError(f"the latent has {z.shape[1]} channels but this decoder expects {cfg.z_channels} "
+                             f"({'FLUX' if cfg.z_channels == 16 else 'SD'} latents)")
+        check = z.float()
+        if not torch.isfinite(check).all():
+            raise ValueError("samples contain NaN or infinite values")
+        f = cfg.factor
+        h, w = z.shape[-2] * f, z.shape[-1] * f
+        img, m = match_image_mask(image_to_bchw(image), mask_to_b1hw(mask))
+        img, m = crop_to_latent(img, h, w, "image"), crop_to_latent(m, h, w, "mask")
+        B = z.shape[0]
+        if img.shape[0] != B:
+            if img.shape[0] == 1:
+                img, m = img.expand(B, -1, -1, -1), m.expand(B, -1, -1, -1)
+            elif B == 1:
+                z = z.expand(img.shape[0], -1, -1, -1)
+            else:
+                raise ValueError(f"latent batch is {B} but image batch is {img.shape[0]}")
+        mm.load_models_gpu(decoder.models())
+        return io.NodeOutput(bchw_to_image(harmonized_decode(decoder.patcher, z, img * 2 - 1, m, tile_size, overlap)))
+
+
+def harmonized_decode(patcher, z, image, mask, tile_size: int, overlap: int) -> torch.Tensor:
+    """-> [B,3,H,W] in [0,1]. Whole-image decode unless tile_size > 0 or the whole decode runs out of memory."""
+    model, device = patcher.model, patcher.load_device
+    f = model.config.factor
+
+    def run(zt, it, mt):
+        return model(zt.to(device), it.to(device), mt.to(device)).float()
+
+    if tile_size <= 0:
+        try:
+            return ((run(z, image, mask).cpu() + 1) / 2).clamp(0, 1)
+        except mm.OOM_EXCEPTION:
+            if not torch.cuda.is_available():
+                raise
+            mm.soft_empty_cache(True)
+            log.warning("Harmonizing decode ran out of memory; retrying in 1024 px tiles")
+            tile_size, overlap = 1024, max(overlap, 64)
+    tile, ov = max(tile_size // f, 1), overlap // f
+    pbar = comfy.utils.ProgressBar(tile_count(z.shape[-2], z.shape[-1], tile, ov))
+    out = decode_tiled(run, z, image.cpu(), mask.cpu(), f, tile, ov, on_tile=lambda: pbar.update(1))
+    return ((out + 1) / 2).clamp(0, 1)

@@ -1,0 +1,136 @@
+"""ComfyUI glue shared by every node: model folders, tensor layout, input checks, ModelPatcher wrapping."""
+from __future__ import annotations
+
+import enum
+import os
+from typing import Optional
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import folder_paths
+from comfy.ldm.modules.attention import optimized_attention_for_device
+
+from ..models.weights import WEIGHT_EXTENSIONS
+
+# Model folders of the pack, under ComfyUI's models/ directory (also settable in extra_model_paths.yaml).
+MODEL_FOLDERS = {
+    "asuka": "ASUKA: mae_300.pth, asuka_alignment_*.pt, txt_256.pt, vec.pt, asuka_decoder.ckpt",
+}
+NONE = "none"
+
+
+def register_model_folders() -> None:
+    """Add the pack's folders to ComfyUI's registry without dropping paths a user configured already."""
+    exts = set(WEIGHT_EXTENSIONS)
+    for name in MODEL_FOLDERS:
+        default = os.path.join(folder_paths.models_dir, name)
+        if name in folder_paths.folder_names_and_paths:
+            paths, old_exts = folder_paths.folder_names_and_paths[name]
+            if default not in paths:
+                paths.append(default)
+            folder_paths.folder_names_and_paths[name] = (paths, set(old_exts) | exts)
+        else:
+            folder_paths.folder_names_and_paths[name] = ([default], exts)
+
+
+def model_files(folder: str, allow_none: bool = False) -> list[str]:
+    files = folder_paths.get_filename_list(folder)
+    return ([NONE] if allow_none else []) + files
+
+
+def model_path(folder: str, name: str) -> Optional[str]:
+    """Full path of a file chosen from a registered folder ("none" -> None). Only registered folders resolve."""
+    if name == NONE:
+        return None
+    return folder_paths.get_full_path_or_raise(folder, name)
+
+
+class Precision(str, enum.Enum):
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+def resolve_dtype(choice: str, device: torch.device, params: int = 0) -> torch.dtype:
+    """``auto``: bfloat16 where the device supports it, else float16, else float32 (CPU: float32)."""
+    match Precision(choice):
+        case Precision.FLOAT32:
+            return torch.float32
+        case Precision.BFLOAT16:
+            return torch.bfloat16
+        case Precision.FLOAT16:
+            return torch.float16
+    if mm.should_use_bf16(device, model_params=params, prioritize_performance=False):
+        return torch.bfloat16
+    if mm.should_use_fp16(device, model_params=params, prioritize_performance=False):
+        return torch.float16
+    return torch.float32
+
+
+def comfy_build_kwargs(device: torch.device) -> dict:
+    """operations + attention so weights follow ComfyUI's casting/offloading and the user's attention backend."""
+    return {"operations": comfy.ops.manual_cast,
+            "attention": optimized_attention_for_device(device, mask=True, small_input=True)}
+
+
+def wrap_patcher(module: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
+    """Hand a network to ComfyUI's model management (loaded to the GPU when used, offloaded after)."""
+    module.to(offload_device)
+    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+
+
+# -- tensor layout: the one place IMAGE [B,H,W,C] / MASK [B,H,W] become BCHW -----------------------------
+def image_to_bchw(image: torch.Tensor, name: str = "image") -> torch.Tensor:
+    """IMAGE [B,H,W,C] -> [B,3,H,W] float32. RGBA drops alpha; grayscale is repeated to RGB."""
+    if image.ndim != 4:
+        raise ValueError(f"{name} must be an IMAGE [batch, height, width, channels]; got shape {tuple(image.shape)}")
+    c = image.shape[-1]
+    if c == 4:
+        image = image[..., :3]
+    elif c == 1:
+        image = image.expand(-1, -1, -1, 3)
+    elif c != 3:
+        raise ValueError(f"{name} has {c} channels; expected RGB (3), RGBA (4) or grayscale (1)")
+    check_finite(image, name)
+    return image.float().permute(0, 3, 1, 2).contiguous()
+
+
+def mask_to_b1hw(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """MASK [B,H,W] or [H,W] -> [B,1,H,W] float32 in [0,1], 1 = inpaint."""
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim == 4 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.ndim != 3:
+        raise ValueError(f"{name} must be a MASK [batch, height, width]; got shape {tuple(mask.shape)}")
+    check_finite(mask, name)
+    return mask.float().clamp(0, 1)[:, None]
+
+
+def bchw_to_image(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1).float().cpu().contiguous()
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def match_image_mask(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check sizes and broadcast a batch of 1 on either side. image [B,3,H,W], mask [B',1,H,W]."""
+    if image.shape[-2:] != mask.shape[-2:]:
+        raise ValueError(f"mask is {mask.shape[-1]}x{mask.shape[-2]} but image is {image.shape[-1]}x{image.shape[-2]}; "
+                         "they must be the same size (resize the mask, e.g. with ImageToMask/ResizeMask)")
+    bi, bm = image.shape[0], mask.shape[0]
+    if bi != bm:
+        if bm == 1:
+            mask = mask.expand(bi, -1, -1, -1)
+        elif bi == 1:
+            image = image.expand(bm, -1, -1, -1)
+        else:
+            raise ValueError(f"image batch is {bi} but mask batch is {bm}; give one mask, or one per image")
+    return image, mask

@@ -1,0 +1,13 @@
+"""Make the pack's ``models`` package and the unit-test helpers importable without ComfyUI.
+
+The repository root is a ComfyUI custom-node package (its ``__init__.py`` imports ComfyUI), so tests never
+import the root package itself; unit tests import ``models`` directly, integration tests load the pack the
+way ComfyUI does.
+"""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for p in (ROOT, os.path.join(ROOT, "tests", "unit")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
