@@ -1,0 +1,151 @@
+"""ASUKA benchmarks, printed as ratios measured side by side in one run.
+
+1. Conditioning cost vs one sampling step: MAE prior + alignment (computed once per graph run) against one
+   cond+uncond step of an SD1.5 UNet (ComfyUI's own UNetModel, full size, random weights, 512², batch 2).
+   The FLUX T5-side alignment (~1 B parameters) is timed too. Needs COMFYUI_PATH for the UNet step.
+2. Harmonizing decode, whole vs tiled (full-size decoder, random weights): seconds and peak memory at
+   1024² and 2048² (each case in its own process so peak RSS is its own), plus the largest difference
+   between tiled and whole output at the seams and away from them.
+
+Usage: COMFYUI_PATH=/path/to/ComfyUI python bench/asuka.py [--sizes 1024 2048] [--skip-cond]
+Run it alone: on a 2-core machine anything running beside it makes the ratios noise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests", "unit"))
+
+import layouts  # noqa: E402
+from models import asuka_alignment, asuka_mae, harmonizing_decoder  # noqa: E402
+from models.harmonizing_decoder import decode_tiled  # noqa: E402
+
+
+def timed(fn, repeat=3):
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def build(module_cls, cfg_fn, sd):
+    m = module_cls(cfg_fn(sd))
+    m.load_state_dict(asuka_alignment.convert_released(sd) if module_cls is asuka_alignment.AsukaAlignment else sd)
+    return m.eval().requires_grad_(False)
+
+
+def bench_conditioning():
+    torch.manual_seed(0)
+    mae = build(asuka_mae.MAEPrior, asuka_mae.config_from_state_dict, layouts.mae_state_dict())
+    al_sd = build(asuka_alignment.AsukaAlignment, asuka_alignment.config_from_state_dict,
+                  layouts.alignment_state_dict(dim=768))
+    img, m = torch.rand(1, 3, 512, 512), torch.zeros(1, 1, 512, 512)
+    m[..., 128:384, 160:352] = 1
+    with torch.no_grad():
+        t_mae = timed(lambda: mae(img, m))
+        prior, _ = mae(img, m)
+        t_al = timed(lambda: al_sd(prior))
+    del al_sd
+    with torch.no_grad():
+        t5 = build(asuka_alignment.AsukaAlignment, asuka_alignment.config_from_state_dict,
+                   layouts.alignment_state_dict(dim=4096, head_dim=64))
+        t_t5 = timed(lambda: t5(prior), repeat=1)
+    del t5
+    t_step = None
+    comfy = os.environ.get("COMFYUI_PATH")
+    if comfy:
+        sys.path.insert(0, comfy)
+        from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+        import comfy.ops
+        unet = UNetModel(image_size=32, in_channels=9, out_channels=4, model_channels=320, num_res_blocks=2,
+                         attention_resolutions=[4, 2, 1], channel_mult=[1, 2, 4, 4], num_heads=8,
+                         transformer_depth=1, context_dim=768, use_linear_in_transformer=False,
+                         operations=comfy.ops.disable_weight_init, dtype=torch.float32).eval()
+        for p in unet.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        x, ctx = torch.randn(2, 9, 64, 64), torch.randn(2, 256, 768)
+        with torch.no_grad():
+            t_step = timed(lambda: unet(x, torch.tensor([500.0, 500.0]), context=ctx), repeat=2)
+    print("\n== ASUKA conditioning (CPU, float32, full-size random weights) ==")
+    print(f"MAE prior (ViT-B, 256²)            {t_mae * 1000:8.1f} ms")
+    print(f"alignment 768 (SD1.5 variant)      {t_al * 1000:8.1f} ms")
+    print(f"alignment 4096 (FLUX T5 side, 1B)  {t_t5 * 1000:8.1f} ms")
+    if t_step:
+        print(f"SD1.5 UNet step, 512², cond+uncond {t_step * 1000:8.1f} ms")
+        print(f"ratio SD-variant conditioning / one SD1.5 step: {(t_mae + t_al) / t_step:.3f}")
+        print(f"ratio FLUX-side conditioning (MAE + T5 + CLIP alignments) / one SD1.5 step: "
+              f"{(t_mae + t_t5 + t_al) / t_step:.3f}  (a FLUX.1-Fill step is ~14x an SD1.5 step)")
+
+
+def decode_case(size: int, tile: int, overlap: int) -> dict:
+    """Child process: decode one case, report time and peak RSS."""
+    torch.manual_seed(0)
+    sd = harmonizing_decoder.convert_released(layouts.decoder_state_dict(z=16))
+    dec = harmonizing_decoder.HarmonizingDecoder(harmonizing_decoder.config_from_state_dict(sd))
+    dec.load_state_dict(sd)
+    dec.eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(1, 16, size // 8, size // 8, generator=g)
+    img = torch.rand(1, 3, size, size, generator=g) * 2 - 1
+    m = torch.zeros(1, 1, size, size)
+    m[..., size // 4: size // 2, size // 3: 2 * size // 3] = 1
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = dec(z, img, m) if tile == 0 else decode_tiled(dec, z, img, m, 8, tile // 8, overlap // 8)
+    dt = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    torch.save(out, f"/tmp/ci_bench_{size}_{tile}.pt")
+    return {"seconds": dt, "peak_mib": peak / 1024, "base_mib": base / 1024}
+
+
+def bench_decode(sizes, tile=512, overlap=64):
+    print(f"\n== Harmonizing decode, whole vs tiled (tile {tile}px, overlap {overlap}px; CPU float32) ==")
+    print(f"{'size':>6} {'whole s':>9} {'tiled s':>9} {'time ratio':>10} {'whole peak MiB':>15} {'tiled peak MiB':>15} "
+          f"{'mem ratio':>9} {'max|d| seams':>13} {'max|d| away':>12}")
+    for size in sizes:
+        res = {}
+        for t in (0, tile):
+            out = subprocess.run([sys.executable, __file__, "--case", str(size), str(t), str(overlap)],
+                                 capture_output=True, text=True, check=True)
+            res[t] = json.loads(out.stdout.strip().splitlines()[-1])
+        whole = torch.load(f"/tmp/ci_bench_{size}_0.pt")
+        tiled = torch.load(f"/tmp/ci_bench_{size}_{tile}.pt")
+        diff = (whole - tiled).abs().amax(dim=(0, 1))               # [H, W]
+        near = torch.zeros(size, size, dtype=torch.bool)
+        stride = tile - overlap
+        for s in range(stride, size, stride):                         # bands around every tile boundary
+            near[:, max(s - overlap, 0): s + 2 * overlap] = True
+            near[max(s - overlap, 0): s + 2 * overlap, :] = True
+        w, tt = res[0], res[tile]
+        print(f"{size:>6} {w['seconds']:>9.2f} {tt['seconds']:>9.2f} {tt['seconds'] / w['seconds']:>10.2f} "
+              f"{w['peak_mib']:>15.0f} {tt['peak_mib']:>15.0f} {tt['peak_mib'] / w['peak_mib']:>9.2f} "
+              f"{diff[near].max().item():>13.4f} {diff[~near].max().item() if (~near).any() else float('nan'):>12.4f}")
+        print(f"       (output range of the whole decode: {whole.min().item():.2f} .. {whole.max().item():.2f})")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--case":
+        print(json.dumps(decode_case(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))
+        sys.exit(0)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
+    ap.add_argument("--skip-cond", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    if not a.skip_cond:
+        bench_conditioning()
+    bench_decode(a.sizes)
