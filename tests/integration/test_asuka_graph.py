@@ -1,0 +1,176 @@
+"""ASUKA inside real ComfyUI: the SD1.5 variant of the prior conditioning drives a shallow SD1.5-inpaint
+UNet through core InpaintModelConditioning + KSampler, and the harmonizing decoder decodes the result.
+
+The ASUKA files are random weights in the authors' released containers (mae_300.pth with its Namespace,
+plain alignment state dict, Lightning decoder checkpoint), written into ComfyUI's models/asuka folder.
+"""
+import pytest
+import torch
+
+import layouts
+
+N_TOKENS, CTX = 256, 768
+
+
+@pytest.fixture(scope="module")
+def asuka_files(comfy):
+    d = comfy.models_dir / "asuka"
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save(layouts.mae_checkpoint(dim=192, depth=2, dec_dim=128, dec_depth=8), d / "mae_test.pth")
+    torch.save(layouts.alignment_state_dict(seed=3, in_dim=128, dim=CTX, head_dim=64), d / "align_sd15_test.pt")
+    torch.save(layouts.decoder_checkpoint(z=4, ch=32, mult=(1, 2, 2, 2), res_blocks=1, cond=(32, 64, 64, 64, 64)),
+               d / "decoder_sd_test.ckpt")
+    comfy.folder_paths.filename_list_cache.clear()
+    return d
+
+
+@pytest.fixture(scope="module")
+def context_spy(comfy):
+    """A test-only node that clones MODEL and records the cross-attention context of every model call."""
+    calls = []
+
+    class CITestContextSpy:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"model": ("MODEL",)}}
+        RETURN_TYPES = ("MODEL",)
+        FUNCTION = "run"
+        CATEGORY = "testing"
+
+        def run(self, model):
+            m = model.clone()
+
+            def wrapper(apply_model, args):
+                calls.append(args["c"]["c_crossattn"].detach().clone())
+                return apply_model(args["input"], args["timestep"], **args["c"])
+            m.set_model_unet_function_wrapper(wrapper)
+            return (m,)
+
+    comfy.nodes.NODE_CLASS_MAPPINGS["CITestContextSpy"] = CITestContextSpy
+    return calls
+
+
+def _asuka_graph(g, ckpt_name, size=64, batch=1, tile=0):
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=ckpt_name)
+    image = g.node("CITestNoiseImage", width=size, height=size, batch_size=batch, seed=1)
+    mask = g.node("CITestRectMask", width=size, height=size, x=16, y=8, w=24, h=40)
+    prior = g.node("ConsistentInpaintASUKALoader", mae="mae_test.pth", alignment="align_sd15_test.pt",
+                   alignment_pooled="none", null_tokens="none", null_pooled="none")
+    cond = g.node("ConsistentInpaintASUKAConditioning", asuka_prior=prior.out(0), image=image.out(0),
+                  mask=mask.out(0), condition_weight=0.5)
+    neg = g.node("CLIPTextEncode", text="", clip=ckpt.out(1))
+    inp = g.node("InpaintModelConditioning", positive=cond.out(0), negative=neg.out(0), vae=ckpt.out(2),
+                 pixels=image.out(0), mask=mask.out(0), noise_mask=True)
+    spy = g.node("CITestContextSpy", model=ckpt.out(0))
+    sampler = g.node("KSampler", model=spy.out(0), seed=0, steps=2, cfg=3.0, sampler_name="euler",
+                     scheduler="normal", positive=inp.out(0), negative=inp.out(1), latent_image=inp.out(2),
+                     denoise=1.0)
+    dec_loader = g.node("ConsistentInpaintHarmonizingDecoderLoader", decoder="decoder_sd_test.ckpt")
+    decode = g.node("ConsistentInpaintHarmonizingDecode", samples=sampler.out(0), decoder=dec_loader.out(0),
+                    image=image.out(0), mask=mask.out(0), tile_size=tile, overlap=16)
+    g.node("PreviewImage", images=decode.out(0))
+    g.node("PreviewImage", images=cond.out(1))
+    return dict(cond=cond, sampler=sampler, decode=decode, image=image, prior=prior)
+
+
+def test_asuka_sd_variant_graph_runs_and_conditioning_reaches_the_model(
+        comfy, run_prompt, graph, sd15_inpaint_ckpt, asuka_files, context_spy):
+    context_spy.clear()
+    n = _asuka_graph(graph, sd15_inpaint_ckpt)
+    result = run_prompt(graph)
+
+    cond = result.output(n["cond"].id, 0)
+    tokens = cond[0][0]
+    assert tuple(tokens.shape) == (1, N_TOKENS, CTX) and torch.isfinite(tokens).all()
+    preview = result.output(n["cond"].id, 1)
+    assert tuple(preview.shape) == (1, 64, 64, 3) and 0 <= float(preview.min()) <= float(preview.max()) <= 1
+
+    # the cond rows of both steps carried exactly the ASUKA tokens as cross-attention context (ComfyUI runs
+    # cond (256 tokens) and uncond (77 CLIP tokens) in separate calls because their lengths do not concat)
+    asuka_calls = [ctx for ctx in context_spy if ctx.shape[-2] == N_TOKENS]
+    assert len(asuka_calls) == 2 and len(context_spy) == 4
+    for ctx in asuka_calls:
+        assert all(torch.allclose(row, tokens[0].to(row.dtype), atol=1e-5) for row in ctx)
+
+    out = result.output(n["decode"].id, 0)
+    assert tuple(out.shape) == (1, 64, 64, 3) and torch.isfinite(out).all()
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+
+
+def test_tiled_harmonizing_decode_in_graph_and_batch(comfy, run_prompt, graph, sd15_inpaint_ckpt, asuka_files,
+                                                     context_spy):
+    n = _asuka_graph(graph, sd15_inpaint_ckpt, size=128, batch=2, tile=64)
+    result = run_prompt(graph)
+    tokens = result.output(n["cond"].id, 0)[0][0]
+    assert tuple(tokens.shape) == (2, N_TOKENS, CTX)
+    out = result.output(n["decode"].id, 0)
+    assert tuple(out.shape) == (2, 128, 128, 3) and torch.isfinite(out).all()
+    progress = [m for m in result.events("progress") if m["node"] == n["decode"].id]
+    assert progress and progress[-1]["max"] == 9          # 128 px, 64 px tiles, 16 px overlap -> 3 x 3
+
+
+@pytest.mark.parametrize("case,match", [
+    ("size", "mask is 48x48 but image is 64x64"),
+    ("batch", "image batch is 2 but mask batch is 3"),
+])
+def test_bad_inputs_give_clear_errors(comfy, run_prompt, graph, asuka_files, case, match):
+    g = graph
+    image = g.node("CITestNoiseImage", width=64, height=64, batch_size=2, seed=1)
+    if case == "size":
+        mask = g.node("CITestRectMask", width=48, height=48, x=0, y=0, w=8, h=8)
+        m = mask.out(0)
+    else:
+        mask = g.node("CITestRectMask", width=64, height=64, x=0, y=0, w=8, h=8)
+        as_image = g.node("MaskToImage", mask=mask.out(0))
+        three = g.node("RepeatImageBatch", image=as_image.out(0), amount=3)
+        m = g.node("ImageToMask", image=three.out(0), channel="red").out(0)
+    prior = g.node("ConsistentInpaintASUKALoader", mae="mae_test.pth", alignment="align_sd15_test.pt",
+                   alignment_pooled="none", null_tokens="none", null_pooled="none")
+    cond = g.node("ConsistentInpaintASUKAConditioning", asuka_prior=prior.out(0), image=image.out(0), mask=m,
+                  condition_weight=0.5)
+    g.node("CITestCapture", value=cond.out(0))
+    with pytest.raises(comfy.PromptError, match=match):
+        run_prompt(g)
+
+
+def test_full_and_empty_masks_give_finite_conditioning(comfy, run_prompt, graph, asuka_files):
+    g = graph
+    image = g.node("CITestNoiseImage", width=64, height=64, batch_size=1, seed=2)
+    prior = g.node("ConsistentInpaintASUKALoader", mae="mae_test.pth", alignment="align_sd15_test.pt",
+                   alignment_pooled="none", null_tokens="none", null_pooled="none")
+    conds = []
+    for value in (0.0, 1.0):
+        mask = g.node("SolidMask", value=value, width=64, height=64)
+        conds.append(g.node("ConsistentInpaintASUKAConditioning", asuka_prior=prior.out(0), image=image.out(0),
+                            mask=mask.out(0), condition_weight=0.5))
+        g.node("CITestCapture", value=conds[-1].out(0))
+    result = run_prompt(g)
+    for c in conds:
+        assert torch.isfinite(result.output(c.id, 0)[0][0]).all()
+
+
+def test_wrong_file_in_loader_names_expected_layout(comfy, run_prompt, graph, asuka_files):
+    g = graph
+    prior = g.node("ConsistentInpaintASUKALoader", mae="align_sd15_test.pt", alignment="align_sd15_test.pt",
+                   alignment_pooled="none", null_tokens="none", null_pooled="none")
+    g.node("CITestCapture", value=prior.out(0))
+    with pytest.raises(comfy.PromptError, match="not an ASUKA MAE prior"):
+        run_prompt(g)
+    g2 = comfy.graph()
+    dec = g2.node("ConsistentInpaintHarmonizingDecoderLoader", decoder="mae_test.pth")
+    g2.node("CITestCapture", value=dec.out(0))
+    with pytest.raises(comfy.PromptError, match="not an ASUKA harmonizing decoder"):
+        run_prompt(g2)
+
+
+def test_latent_of_wrong_channels_or_size_is_rejected(comfy, run_prompt, graph, asuka_files):
+    g = graph
+    dec = g.node("ConsistentInpaintHarmonizingDecoderLoader", decoder="decoder_sd_test.ckpt")
+    image = g.node("CITestNoiseImage", width=64, height=64, batch_size=1, seed=1)
+    mask = g.node("CITestRectMask", width=64, height=64, x=0, y=0, w=8, h=8)
+    latent = g.node("EmptyLatentImage", width=96, height=96, batch_size=1)
+    d = g.node("ConsistentInpaintHarmonizingDecode", samples=latent.out(0), decoder=dec.out(0), image=image.out(0),
+               mask=mask.out(0), tile_size=0, overlap=16)
+    g.node("CITestCapture", value=d.out(0))
+    with pytest.raises(comfy.PromptError, match="latent decodes to 96x96 but image is 64x64"):
+        run_prompt(g)
