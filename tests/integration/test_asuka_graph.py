@@ -174,3 +174,49 @@ def test_latent_of_wrong_channels_or_size_is_rejected(comfy, run_prompt, graph, 
     g.node("CITestCapture", value=d.out(0))
     with pytest.raises(comfy.PromptError, match="latent decodes to 96x96 but image is 64x64"):
         run_prompt(g)
+
+
+def test_decode_accepts_image_rounded_down_to_the_latent_like_core_inpaint(comfy, run_prompt, graph, asuka_files):
+    g = graph
+    dec = g.node("ConsistentInpaintHarmonizingDecoderLoader", decoder="decoder_sd_test.ckpt")
+    noise = g.node("CITestNoiseImage", width=64, height=64, batch_size=1, seed=1)
+    image = g.node("ImageScale", image=noise.out(0), upscale_method="nearest-exact", width=68, height=70, crop="disabled")
+    mask = g.node("CITestRectMask", width=68, height=70, x=10, y=10, w=20, h=20)
+    latent = g.node("EmptyLatentImage", width=64, height=64, batch_size=1)
+    d = g.node("ConsistentInpaintHarmonizingDecode", samples=latent.out(0), decoder=dec.out(0), image=image.out(0),
+               mask=mask.out(0), tile_size=0, overlap=16)
+    g.node("CITestCapture", value=d.out(0))
+    out = run_prompt(g).output(d.id, 0)
+    assert tuple(out.shape) == (1, 64, 64, 3) and torch.isfinite(out).all()
+
+
+def test_rgba_and_grayscale_images_are_accepted_and_other_channel_counts_rejected(comfy, run_prompt, graph,
+                                                                                   asuka_files):
+    import sys
+    cls = comfy.nodes.NODE_CLASS_MAPPINGS["ConsistentInpaintASUKAConditioning"]
+    common = sys.modules[cls.__module__.rsplit(".", 1)[0] + ".common"]
+    rgb = torch.rand(2, 8, 10, 3)
+    rgba = torch.cat([rgb, torch.rand(2, 8, 10, 1)], -1)
+    assert torch.equal(common.image_to_bchw(rgba), common.image_to_bchw(rgb))
+    gray = common.image_to_bchw(rgb[..., :1])
+    assert gray.shape == (2, 3, 8, 10) and torch.equal(gray[:, 0], gray[:, 2])
+    with pytest.raises(ValueError, match="has 2 channels"):
+        common.image_to_bchw(rgb[..., :2])
+    with pytest.raises(ValueError, match="NaN"):
+        common.image_to_bchw(torch.full((1, 4, 4, 3), float("nan")))
+    # and through a real graph: an RGBA image made by core nodes
+    g = graph
+    image = g.node("CITestNoiseImage", width=64, height=64, batch_size=1, seed=4)
+    alpha = g.node("SolidMask", value=0.5, width=64, height=64)
+    rgba_node = g.node("JoinImageWithAlpha", image=image.out(0), alpha=alpha.out(0))
+    mask = g.node("CITestRectMask", width=64, height=64, x=8, y=8, w=16, h=16)
+    prior = g.node("ConsistentInpaintASUKALoader", mae="mae_test.pth", alignment="align_sd15_test.pt",
+                   alignment_pooled="none", null_tokens="none", null_pooled="none")
+    c_rgba = g.node("ConsistentInpaintASUKAConditioning", asuka_prior=prior.out(0), image=rgba_node.out(0),
+                    mask=mask.out(0), condition_weight=0.5)
+    c_rgb = g.node("ConsistentInpaintASUKAConditioning", asuka_prior=prior.out(0), image=image.out(0),
+                   mask=mask.out(0), condition_weight=0.5)
+    g.node("CITestCapture", value=c_rgba.out(0))
+    g.node("CITestCapture", value=c_rgb.out(0))
+    r = run_prompt(g)
+    assert torch.equal(r.output(c_rgba.id, 0)[0][0], r.output(c_rgb.id, 0)[0][0])
