@@ -127,8 +127,8 @@ def bench_decode(sizes, tile=512, overlap=64):
             out = subprocess.run([sys.executable, __file__, "--case", str(size), str(t), str(overlap)],
                                  capture_output=True, text=True, check=True)
             res[t] = json.loads(out.stdout.strip().splitlines()[-1])
-        whole = torch.load(f"/tmp/ci_bench_{size}_0.pt")
-        tiled = torch.load(f"/tmp/ci_bench_{size}_{tile}.pt")
+        whole = torch.load(f"/tmp/ci_bench_{size}_0.pt", weights_only=True)
+        tiled = torch.load(f"/tmp/ci_bench_{size}_{tile}.pt", weights_only=True)
         diff = (whole - tiled).abs().amax(dim=(0, 1))               # [H, W]
         near = torch.zeros(size, size, dtype=torch.bool)
         stride = tile - overlap

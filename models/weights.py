@@ -77,11 +77,11 @@ def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
 
 def _load_pickle(path: str) -> Any:
     name = os.path.basename(path)
-    kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": True}
+    kwargs: dict[str, Any] = {"map_location": "cpu"}
     if zipfile.is_zipfile(path):
         kwargs["mmap"] = True  # large files (the T5-side alignment is ~4 GB) are not read into RAM twice
     try:
-        return torch.load(path, **kwargs)
+        return torch.load(path, weights_only=True, **kwargs)
     except pickle.UnpicklingError as first:
         try:
             needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
@@ -98,7 +98,7 @@ def _load_pickle(path: str) -> Any:
                 ".safetensors.") from first
         log.info("%s: mapping %s to inert placeholders", name, ", ".join(sorted(needed)))
         with torch.serialization.safe_globals([(InertPickledObject, g) for g in sorted(needed)]):
-            return torch.load(path, **kwargs)
+            return torch.load(path, weights_only=True, **kwargs)
     except Exception as e:  # torch raises many types for a damaged or foreign file
         raise CheckpointFormatError(
             f"{name} is not a readable torch checkpoint ({e}). Check that the download is complete.") from e
