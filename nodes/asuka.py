@@ -203,8 +203,7 @@ class HarmonizingDecode(io.ComfyNode):
         if z.shape[1] != cfg.z_channels:
             raise ValueError(f"the latent has {z.shape[1]} channels but this decoder expects {cfg.z_channels} "
                              f"({'FLUX' if cfg.z_channels == 16 else 'SD'} latents)")
-        check = z.float()
-        if not torch.isfinite(check).all():
+        if not torch.isfinite(z).all():
             raise ValueError("samples contain NaN or infinite values")
         f = cfg.factor
         h, w = z.shape[-2] * f, z.shape[-1] * f

@@ -50,12 +50,16 @@ def context_spy(comfy):
     return calls
 
 
+def _sd_prior_loader(g):
+    return g.node("ConsistentInpaintASUKALoader", mae="mae_test.pth", alignment="align_sd15_test.pt",
+                  alignment_pooled="none", null_tokens="none", null_pooled="none")
+
+
 def _asuka_graph(g, ckpt_name, size=64, batch=1, tile=0):
     ckpt = g.node("CheckpointLoaderSimple", ckpt_name=ckpt_name)
     image = g.node("CITestNoiseImage", width=size, height=size, batch_size=batch, seed=1)
     mask = g.node("CITestRectMask", width=size, height=size, x=16, y=8, w=24, h=40)
-    prior = g.node("ConsistentInpaintASUKALoader", mae="mae_test.pth", alignment="align_sd15_test.pt",
-                   alignment_pooled="none", null_tokens="none", null_pooled="none")
+    prior = _sd_prior_loader(g)
     cond = g.node("ConsistentInpaintASUKAConditioning", asuka_prior=prior.out(0), image=image.out(0),
                   mask=mask.out(0), condition_weight=0.5)
     neg = g.node("CLIPTextEncode", text="", clip=ckpt.out(1))
@@ -124,8 +128,7 @@ def test_bad_inputs_give_clear_errors(comfy, run_prompt, graph, asuka_files, cas
         as_image = g.node("MaskToImage", mask=mask.out(0))
         three = g.node("RepeatImageBatch", image=as_image.out(0), amount=3)
         m = g.node("ImageToMask", image=three.out(0), channel="red").out(0)
-    prior = g.node("ConsistentInpaintASUKALoader", mae="mae_test.pth", alignment="align_sd15_test.pt",
-                   alignment_pooled="none", null_tokens="none", null_pooled="none")
+    prior = _sd_prior_loader(g)
     cond = g.node("ConsistentInpaintASUKAConditioning", asuka_prior=prior.out(0), image=image.out(0), mask=m,
                   condition_weight=0.5)
     g.node("CITestCapture", value=cond.out(0))
@@ -136,8 +139,7 @@ def test_bad_inputs_give_clear_errors(comfy, run_prompt, graph, asuka_files, cas
 def test_full_and_empty_masks_give_finite_conditioning(comfy, run_prompt, graph, asuka_files):
     g = graph
     image = g.node("CITestNoiseImage", width=64, height=64, batch_size=1, seed=2)
-    prior = g.node("ConsistentInpaintASUKALoader", mae="mae_test.pth", alignment="align_sd15_test.pt",
-                   alignment_pooled="none", null_tokens="none", null_pooled="none")
+    prior = _sd_prior_loader(g)
     conds = []
     for value in (0.0, 1.0):
         mask = g.node("SolidMask", value=value, width=64, height=64)
@@ -210,8 +212,7 @@ def test_rgba_and_grayscale_images_are_accepted_and_other_channel_counts_rejecte
     alpha = g.node("SolidMask", value=0.5, width=64, height=64)
     rgba_node = g.node("JoinImageWithAlpha", image=image.out(0), alpha=alpha.out(0))
     mask = g.node("CITestRectMask", width=64, height=64, x=8, y=8, w=16, h=16)
-    prior = g.node("ConsistentInpaintASUKALoader", mae="mae_test.pth", alignment="align_sd15_test.pt",
-                   alignment_pooled="none", null_tokens="none", null_pooled="none")
+    prior = _sd_prior_loader(g)
     c_rgba = g.node("ConsistentInpaintASUKAConditioning", asuka_prior=prior.out(0), image=rgba_node.out(0),
                     mask=mask.out(0), condition_weight=0.5)
     c_rgb = g.node("ConsistentInpaintASUKAConditioning", asuka_prior=prior.out(0), image=image.out(0),
