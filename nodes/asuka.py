@@ -14,12 +14,15 @@ import comfy.utils
 
 from ..models import asuka
 from ..models.harmonizing_decoder import decode_tiled, tile_count
+from ..models.harmonizing_stream import StreamingDecode
 from .common import (Precision, bchw_to_image, comfy_build_kwargs, image_to_bchw, mask_to_b1hw, match_image_mask,
                      model_files, model_path, resolve_dtype, wrap_patcher)
 
 log = logging.getLogger(__name__)
 CATEGORY = "inpaint/consistent/ASUKA"
 AsukaPriorType = io.Custom("ASUKA_PRIOR")
+EXACT, INDEPENDENT = "exact", "independent"
+TILING = (EXACT, INDEPENDENT)
 DecoderType = io.Custom("HARMONIZING_DECODER")
 
 
@@ -179,23 +182,29 @@ class HarmonizingDecode(io.ComfyNode):
                 io.Image.Input("image", tooltip="The original image (known pixels come from here)"),
                 io.Mask.Input("mask", tooltip="1 = inpainted area"),
                 io.Int.Input("tile_size", default=0, min=0, max=8192, step=64,
-                             tooltip="Decode in tiles of this many pixels (0 = whole image; falls back to 1024 on OOM)"),
-                io.Int.Input("overlap", default=64, min=0, max=1024, step=8, tooltip="Tile overlap in pixels"),
+                             tooltip="Decode in tiles of this many pixels (0 = whole image; falls back to exact "
+                                     "1024 px tiles on out-of-memory)"),
+                io.Combo.Input("tiling", options=list(TILING), default=EXACT,
+                               tooltip="exact: equals the whole-image decode (GroupNorm statistics and attention "
+                                       "shared across tiles; feature maps kept in system RAM). independent: each "
+                                       "tile decoded on its own and blended (least memory, not identical)"),
+                io.Int.Input("overlap", default=64, min=0, max=1024, step=8,
+                             tooltip="Tile overlap in pixels, blended linearly (independent tiling only)"),
             ],
             outputs=[io.Image.Output(display_name="IMAGE")],
         )
 
     @classmethod
-    def validate_inputs(cls, tile_size, overlap, **kwargs):
+    def validate_inputs(cls, tile_size, overlap, tiling=None, **kwargs):
         if tile_size and tile_size < 64:
             return "tile_size must be 0 (whole image) or at least 64 pixels"
-        if tile_size and overlap >= tile_size:
+        if tile_size and tiling == INDEPENDENT and overlap >= tile_size:
             return f"overlap ({overlap}) must be smaller than tile_size ({tile_size})"
         return True
 
     @classmethod
     @torch.no_grad()
-    def execute(cls, samples, decoder, image, mask, tile_size, overlap):
+    def execute(cls, samples, decoder, image, mask, tile_size, overlap, tiling=EXACT):
         z = samples["samples"]
         if z.ndim != 4:
             raise ValueError(f"samples must be an image latent [B,C,h,w]; got shape {tuple(z.shape)}")
@@ -218,10 +227,11 @@ class HarmonizingDecode(io.ComfyNode):
             else:
                 raise ValueError(f"latent batch is {B} but image batch is {img.shape[0]}")
         mm.load_models_gpu(decoder.models())
-        return io.NodeOutput(bchw_to_image(harmonized_decode(decoder.patcher, z, img * 2 - 1, m, tile_size, overlap)))
+        out = harmonized_decode(decoder.patcher, z, img * 2 - 1, m, tile_size, overlap, tiling)
+        return io.NodeOutput(bchw_to_image(out))
 
 
-def harmonized_decode(patcher, z, image, mask, tile_size: int, overlap: int) -> torch.Tensor:
+def harmonized_decode(patcher, z, image, mask, tile_size: int, overlap: int, tiling: str = EXACT) -> torch.Tensor:
     """-> [B,3,H,W] in [0,1]. Whole-image decode unless tile_size > 0 or the whole decode runs out of memory."""
     model, device = patcher.model, patcher.load_device
     f = model.config.factor
@@ -236,9 +246,15 @@ def harmonized_decode(patcher, z, image, mask, tile_size: int, overlap: int) -> 
             if not torch.cuda.is_available():
                 raise
             mm.soft_empty_cache(True)
-            log.warning("Harmonizing decode ran out of memory; retrying in 1024 px tiles")
-            tile_size, overlap = 1024, max(overlap, 64)
-    tile, ov = max(tile_size // f, 1), overlap // f
-    pbar = comfy.utils.ProgressBar(tile_count(z.shape[-2], z.shape[-1], tile, ov))
-    out = decode_tiled(run, z, image.cpu(), mask.cpu(), f, tile, ov, on_tile=lambda: pbar.update(1))
-    return ((out + 1) / 2).clamp(0, 1)
+            log.warning("Harmonizing decode ran out of memory; retrying in exact 1024 px tiles")
+            tile_size, tiling = 1024, EXACT
+    if tiling == EXACT:
+        stream = StreamingDecode(model, device, patcher.offload_device, tile_size)
+        pbar = comfy.utils.ProgressBar(stream.tile_passes(z.shape[-2], z.shape[-1]))
+        stream.on_step = lambda: pbar.update(1)
+        out = stream(z, image, mask)
+    else:
+        tile, ov = max(tile_size // f, 1), overlap // f
+        pbar = comfy.utils.ProgressBar(tile_count(z.shape[-2], z.shape[-1], tile, ov))
+        out = decode_tiled(run, z, image.cpu(), mask.cpu(), f, tile, ov, on_tile=lambda: pbar.update(1))
+    return ((out.cpu() + 1) / 2).clamp(0, 1)

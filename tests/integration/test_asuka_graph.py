@@ -55,7 +55,7 @@ def _sd_prior_loader(g):
                   alignment_pooled="none", null_tokens="none", null_pooled="none")
 
 
-def _asuka_graph(g, ckpt_name, size=64, batch=1, tile=0):
+def _asuka_graph(g, ckpt_name, size=64, batch=1, tile=0, tiling="exact"):
     ckpt = g.node("CheckpointLoaderSimple", ckpt_name=ckpt_name)
     image = g.node("CITestNoiseImage", width=size, height=size, batch_size=batch, seed=1)
     mask = g.node("CITestRectMask", width=size, height=size, x=16, y=8, w=24, h=40)
@@ -71,10 +71,15 @@ def _asuka_graph(g, ckpt_name, size=64, batch=1, tile=0):
                      denoise=1.0)
     dec_loader = g.node("ConsistentInpaintHarmonizingDecoderLoader", decoder="decoder_sd_test.ckpt")
     decode = g.node("ConsistentInpaintHarmonizingDecode", samples=sampler.out(0), decoder=dec_loader.out(0),
-                    image=image.out(0), mask=mask.out(0), tile_size=tile, overlap=16)
+                    image=image.out(0), mask=mask.out(0), tile_size=tile, tiling=tiling, overlap=16)
     g.node("PreviewImage", images=decode.out(0))
     g.node("PreviewImage", images=cond.out(1))
-    return dict(cond=cond, sampler=sampler, decode=decode, image=image, prior=prior)
+    whole = None
+    if tile:
+        whole = g.node("ConsistentInpaintHarmonizingDecode", samples=sampler.out(0), decoder=dec_loader.out(0),
+                       image=image.out(0), mask=mask.out(0), tile_size=0, tiling=tiling, overlap=16)
+        g.node("PreviewImage", images=whole.out(0))
+    return dict(cond=cond, sampler=sampler, decode=decode, image=image, prior=prior, whole=whole)
 
 
 def test_asuka_sd_variant_graph_runs_and_conditioning_reaches_the_model(
@@ -101,16 +106,25 @@ def test_asuka_sd_variant_graph_runs_and_conditioning_reaches_the_model(
     assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
 
 
+@pytest.mark.parametrize("tiling", ["exact", "independent"])
 def test_tiled_harmonizing_decode_in_graph_and_batch(comfy, run_prompt, graph, sd15_inpaint_ckpt, asuka_files,
-                                                     context_spy):
-    n = _asuka_graph(graph, sd15_inpaint_ckpt, size=128, batch=2, tile=64)
+                                                     context_spy, tiling):
+    n = _asuka_graph(graph, sd15_inpaint_ckpt, size=128, batch=2, tile=64, tiling=tiling)
     result = run_prompt(graph)
     tokens = result.output(n["cond"].id, 0)[0][0]
     assert tuple(tokens.shape) == (2, N_TOKENS, CTX)
-    out = result.output(n["decode"].id, 0)
+    out, whole = result.output(n["decode"].id, 0), result.output(n["whole"].id, 0)
     assert tuple(out.shape) == (2, 128, 128, 3) and torch.isfinite(out).all()
     progress = [m for m in result.events("progress") if m["node"] == n["decode"].id]
-    assert progress and progress[-1]["max"] == 9          # 128 px, 64 px tiles, 16 px overlap -> 3 x 3
+    assert progress and all(b["value"] - a["value"] == 1 for a, b in zip(progress, progress[1:]))
+    diff = (out - whole).abs()
+    if tiling == "exact":
+        # layer-synchronous tiles: the whole-image result everywhere, seams included
+        assert float(diff.max()) < 1e-5
+        assert progress[-1]["value"] == progress[-1]["max"] > 9
+    else:
+        # independent tiles: 128 px, 64 px tiles, 16 px overlap -> 3 x 3; own GroupNorm statistics per tile
+        assert progress[-1]["max"] == 9 and float(diff.max()) > 1e-4
 
 
 @pytest.mark.parametrize("case,match", [
