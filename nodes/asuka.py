@@ -184,12 +184,12 @@ class HarmonizingDecode(io.ComfyNode):
                 io.Int.Input("tile_size", default=0, min=0, max=8192, step=64,
                              tooltip="Decode in tiles of this many pixels (0 = whole image; falls back to exact "
                                      "1024 px tiles on out-of-memory)"),
-                io.Combo.Input("tiling", options=list(TILING), default=EXACT,
+                io.Int.Input("overlap", default=64, min=0, max=1024, step=8,
+                             tooltip="Tile overlap in pixels, blended linearly (independent tiling only)"),
+                io.Combo.Input("tiling", options=list(TILING), default=EXACT, optional=True,
                                tooltip="exact: equals the whole-image decode (GroupNorm statistics and attention "
                                        "shared across tiles; feature maps kept in system RAM). independent: each "
                                        "tile decoded on its own and blended (least memory, not identical)"),
-                io.Int.Input("overlap", default=64, min=0, max=1024, step=8,
-                             tooltip="Tile overlap in pixels, blended linearly (independent tiling only)"),
             ],
             outputs=[io.Image.Output(display_name="IMAGE")],
         )
