@@ -18,6 +18,7 @@ from ..models.weights import WEIGHT_EXTENSIONS
 # Model folders of the pack, under ComfyUI's models/ directory (also settable in extra_model_paths.yaml).
 MODEL_FOLDERS = {
     "asuka": "ASUKA: mae_300.pth, asuka_alignment_*.pt, txt_256.pt, vec.pt, asuka_decoder.ckpt",
+    "inpaint_branch": "PainterNet (ours), BrushNet SD1.5/SDXL and PowerPaint-v2 diffusion_pytorch_model.safetensors",
 }
 NONE = "none"
 
