@@ -23,10 +23,23 @@ def unet_ckpt(comfy_models):
     return comfy_models.sd15_inpaint_checkpoint(levels=LEVELS)
 
 
-def _painternet_from_unet(comfy_models, seed=5):
-    """Our PainterNet format for the harness UNet: its own layer shapes (minus ``out``), 9 input channels, a zero
-    conv per layer output and a control-point linear per cross-attention, all random (non-zero)."""
-    shapes = comfy_models._sd15_unet_shapes(LEVELS, 9)
+SDXL_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=64, channel_mult=[1, 2],
+                 num_res_blocks=[1, 1], transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1],
+                 transformer_depth_middle=1, context_dim=2048, adm_in_channels=2816, num_classes="sequential",
+                 use_linear_in_transformer=True, num_head_channels=64, num_heads=-1, use_spatial_transformer=True,
+                 legacy=False, use_temporal_attention=False)
+
+
+def _unet_shapes(config, in_channels):
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    m = UNetModel(**dict(config, in_channels=in_channels), device="meta", operations=comfy.ops.disable_weight_init)
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+def _painternet_from_unet(shapes, seed=5):
+    """Our PainterNet format for a UNet: its own layer shapes (minus ``out``), 9 input channels, a zero conv
+    per layer output and a control-point linear per cross-attention, all random (non-zero)."""
     g = torch.Generator().manual_seed(seed)
     sd = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items() if not k.startswith("out.")}
 
@@ -65,10 +78,43 @@ def branch_files(comfy, comfy_models):
                                          layers=1, seed=1), str(d / "brushnet_sd15_test.safetensors"))
     save_file(published.diffusers_branch(CHANNELS, 768, False, None, (True,) * LEVELS, True, (True,) * LEVELS,
                                          layers=1, seed=2), str(d / "powerpaint_test.safetensors"))
-    sd, n_acp, n_in, n_up = _painternet_from_unet(comfy_models)
+    sd, n_acp, n_in, n_up = _painternet_from_unet(comfy_models._sd15_unet_shapes(LEVELS, 9))
     save_file(sd, str(d / "painternet_sd15_test.safetensors"), metadata=published.painternet_metadata("sd15"))
+    # SDXL-structured: BrushNet SDXL (add_embedding 2816, no attention) and PainterNet SDXL for the tiny SDXL UNet
+    save_file(published.diffusers_branch((64, 128), None, False, 2816, (False,) * 2, False, (False,) * 2,
+                                         layers=1, seed=3), str(d / "brushnet_sdxl_test.safetensors"))
+    xl, n_acp_xl, _, _ = _painternet_from_unet(_unet_shapes(SDXL_UNET, 9), seed=6)
+    save_file(xl, str(d / "painternet_sdxl_test.safetensors"), metadata=published.painternet_metadata("sdxl"))
     comfy.folder_paths.filename_list_cache.clear()
-    return dict(n_acp=n_acp, n_down=n_in, n_up=n_up)
+    return dict(n_acp=n_acp, n_down=n_in, n_up=n_up, n_acp_xl=n_acp_xl)
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(comfy):
+    """CITestTinySDXL: a real comfy SDXL model object (model_base.SDXL: label_emb/adm, linear transformers,
+    context 2048) at 64 channels and two levels with random weights. ComfyUI's checkpoint detection only
+    accepts the full-depth SDXL UNet, so the test builds the model object directly."""
+    from comfy import model_management as mm, model_patcher, supported_models
+
+    class CITestTinySDXL:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"seed": ("INT", {"default": 0})}}
+        RETURN_TYPES = ("MODEL",)
+        FUNCTION = "run"
+        CATEGORY = "testing"
+
+        def run(self, seed):
+            cfg = supported_models.SDXL(dict(SDXL_UNET))
+            model = cfg.get_model({})
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in model.diffusion_model.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            return (model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device()),)
+
+    comfy.nodes.NODE_CLASS_MAPPINGS["CITestTinySDXL"] = CITestTinySDXL
+    return "CITestTinySDXL"
 
 
 @pytest.fixture(scope="module")
@@ -147,15 +193,21 @@ def counter(comfy):
 
 
 def _graph(g, ckpt, branch, *, scale=1.0, start=0.0, end=1.0, steps=2, cfg=3.0, counter=True, batch=1,
-           mask_rect=(16, 8, 24, 40)):
+           mask_rect=(16, 8, 24, 40), sdxl=False):
     ck = g.node("CheckpointLoaderSimple", ckpt_name=ckpt)
     image = g.node("CITestNoiseImage", width=64, height=64, batch_size=batch, seed=1)
     x, y, w, h = mask_rect
     mask = g.node("CITestRectMask", width=64, height=64, x=x, y=y, w=w, h=h)
-    pos = g.node("CLIPTextEncode", text="a red apple", clip=ck.out(1))
-    neg = g.node("CLIPTextEncode", text="", clip=ck.out(1))
+    if sdxl:
+        base = g.node("CITestTinySDXL", seed=0)
+        pos = g.node("CITestRandomConditioning", tokens=8, dim=2048, pooled_dim=1280, seed=1, scale=1.0)
+        neg = g.node("CITestRandomConditioning", tokens=8, dim=2048, pooled_dim=1280, seed=2, scale=1.0)
+    else:
+        base = ck
+        pos = g.node("CLIPTextEncode", text="a red apple", clip=ck.out(1))
+        neg = g.node("CLIPTextEncode", text="", clip=ck.out(1))
     loader = g.node("ConsistentInpaintBranchLoader", branch=branch, dtype="float32")
-    apply = g.node("ConsistentInpaintApplyBranch", model=ck.out(0), vae=ck.out(2), image=image.out(0),
+    apply = g.node("ConsistentInpaintApplyBranch", model=base.out(0), vae=ck.out(2), image=image.out(0),
                    mask=mask.out(0), branch=loader.out(0), positive=pos.out(0), negative=neg.out(0), scale=scale,
                    start_percent=start, end_percent=end)
     model = g.node("CITestBranchCounter", model=apply.out(0)) if counter else apply
@@ -177,12 +229,15 @@ def _changed(log, kind):
 
 @pytest.mark.parametrize("branch,acp", [("brushnet_sd15_test.safetensors", False),
                                          ("powerpaint_test.safetensors", False),
-                                         ("painternet_sd15_test.safetensors", True)])
+                                         ("painternet_sd15_test.safetensors", True),
+                                         ("brushnet_sdxl_test.safetensors", False),
+                                         ("painternet_sdxl_test.safetensors", True)])
 def test_every_injection_point_fires_on_every_step_in_range_and_none_outside(
-        comfy, run_prompt, graph, unet_ckpt, branch_files, counter, branch, acp):
+        comfy, run_prompt, graph, unet_ckpt, branch_files, counter, tiny_sdxl, branch, acp):
     counter.clear()
     steps = 4
-    _graph(graph, unet_ckpt, branch, start=0.0, end=0.5, steps=steps)
+    sdxl = "sdxl" in branch
+    _graph(graph, unet_ckpt, branch, start=0.0, end=0.5, steps=steps, sdxl=sdxl)
     run_prompt(graph)
     sigmas = sorted({s for *_, s, _ in counter if s is not None}, reverse=True)
     assert len(sigmas) == steps
@@ -201,7 +256,7 @@ def test_every_injection_point_fires_on_every_step_in_range_and_none_outside(
         assert outp[s] == {("output", n) for n in range(n_down)}
         assert len(adder[s]) == n_up - (n_down - 1)   # one pre-upsample add + the add after the last block
         if acp:
-            assert len(attn[s]) == branch_files["n_acp"]
+            assert len(attn[s]) == branch_files["n_acp_xl" if sdxl else "n_acp"]
         else:
             assert not attn[s]
     for s in outside:
@@ -210,8 +265,8 @@ def test_every_injection_point_fires_on_every_step_in_range_and_none_outside(
     assert len(runs) == 2                              # once per model call, only inside the range
     # the unrelated attn2 patch kept firing on every step
     assert {s for what, *_, s, _ in counter if what == "other"} == set(sigmas)
-    if branch.startswith("brushnet"):
-        # BrushNet SD1.5 reads no prompt: one branch row serves both CFG rows
+    if branch.startswith("brushnet_sd15"):
+        # BrushNet SD1.5 reads no prompt: one branch row serves both CFG rows (SDXL's reads the pooled text)
         assert all(shape[0] == 1 for _, _, shape, _, _ in runs)
     else:
         assert all(shape[0] == 2 for _, _, shape, _, _ in runs)
@@ -292,18 +347,44 @@ def test_empty_and_full_masks_give_finite_samples(comfy, run_prompt, graph, unet
 
 
 def test_sdxl_branch_on_sd15_model_is_refused(comfy, run_prompt, graph, unet_ckpt, branch_files):
-    d = comfy.models_dir / "inpaint_branch"
-    save_file(published.brushnet_sdxl(small=True, seed=3), str(d / "brushnet_sdxl_small_test.safetensors"))
-    comfy.folder_paths.filename_list_cache.clear()
     ck = graph.node("CheckpointLoaderSimple", ckpt_name=unet_ckpt)
     image = graph.node("CITestNoiseImage", width=64, height=64, batch_size=1, seed=1)
     mask = graph.node("CITestRectMask", width=64, height=64, x=0, y=0, w=8, h=8)
     pos = graph.node("CLIPTextEncode", text="x", clip=ck.out(1))
-    loader = graph.node("ConsistentInpaintBranchLoader", branch="brushnet_sdxl_small_test.safetensors",
-                        dtype="float32")
+    loader = graph.node("ConsistentInpaintBranchLoader", branch="brushnet_sdxl_test.safetensors", dtype="float32")
     apply = graph.node("ConsistentInpaintApplyBranch", model=ck.out(0), vae=ck.out(2), image=image.out(0),
                        mask=mask.out(0), branch=loader.out(0), positive=pos.out(0), negative=pos.out(0), scale=1.0,
                        start_percent=0.0, end_percent=1.0)
     graph.node("CITestCapture", value=apply.out(0))
     with pytest.raises(comfy.PromptError, match="built for SDXL .* but the model is SD1.5"):
         run_prompt(graph)
+
+
+def test_sd15_branch_on_sdxl_model_is_refused(comfy, run_prompt, graph, unet_ckpt, branch_files, tiny_sdxl):
+    ck = graph.node("CheckpointLoaderSimple", ckpt_name=unet_ckpt)
+    base = graph.node("CITestTinySDXL", seed=0)
+    image = graph.node("CITestNoiseImage", width=64, height=64, batch_size=1, seed=1)
+    mask = graph.node("CITestRectMask", width=64, height=64, x=0, y=0, w=8, h=8)
+    pos = graph.node("CITestRandomConditioning", tokens=8, dim=2048, pooled_dim=1280, seed=1, scale=1.0)
+    loader = graph.node("ConsistentInpaintBranchLoader", branch="painternet_sd15_test.safetensors", dtype="float32")
+    apply = graph.node("ConsistentInpaintApplyBranch", model=base.out(0), vae=ck.out(2), image=image.out(0),
+                       mask=mask.out(0), branch=loader.out(0), positive=pos.out(0), negative=pos.out(0), scale=1.0,
+                       start_percent=0.0, end_percent=1.0)
+    graph.node("CITestCapture", value=apply.out(0))
+    with pytest.raises(comfy.PromptError, match="built for SD15 .* but the model is SDXL"):
+        run_prompt(graph)
+
+
+def test_zero_initialised_branch_leaves_the_model_unchanged(comfy, run_prompt, graph, unet_ckpt, branch_files):
+    """A freshly initialised branch (zero convs at zero, as training starts) must not change the UNet."""
+    d = comfy.models_dir / "inpaint_branch"
+    save_file(published.diffusers_branch(CHANNELS, 768, False, None, (True,) * LEVELS, True, (True,) * LEVELS,
+                                         layers=1, seed=4, zero_init=True), str(d / "powerpaint_zero_test.safetensors"))
+    comfy.folder_paths.filename_list_cache.clear()
+    n = _graph(graph, unet_ckpt, "powerpaint_zero_test.safetensors", counter=False)
+    plain = graph.node("KSampler", model=n["ckpt"].out(0), seed=0, steps=2, cfg=3.0, sampler_name="euler",
+                       scheduler="normal", positive=n["pos"].out(0), negative=n["neg"].out(0),
+                       latent_image=n["apply"].out(3), denoise=1.0)
+    graph.node("CITestCapture", value=plain.out(0))
+    r = run_prompt(graph)
+    assert torch.equal(r.output(n["sampler"].id, 0)["samples"], r.output(plain.id, 0)["samples"])
