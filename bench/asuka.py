@@ -3,9 +3,9 @@
 1. Conditioning cost vs one sampling step: MAE prior + alignment (computed once per graph run) against one
    cond+uncond step of an SD1.5 UNet (ComfyUI's own UNetModel, full size, random weights, 512², batch 2).
    The FLUX T5-side alignment (~1 B parameters) is timed too. Needs COMFYUI_PATH for the UNet step.
-2. Harmonizing decode, whole vs tiled (full-size decoder, random weights): seconds and peak memory at
-   1024² and 2048² (each case in its own process so peak RSS is its own), plus the largest difference
-   between tiled and whole output at the seams and away from them.
+2. Harmonizing decode, whole vs exact tiles vs independent tiles (full-size decoder, random weights):
+   seconds and peak memory growth during the decode at 1024² and 2048² (each case in its own process),
+   plus the largest difference from the whole decode at the tile seams and away from them.
 
 Usage: COMFYUI_PATH=/path/to/ComfyUI python bench/asuka.py [--sizes 1024 2048] [--skip-cond]
 Run it alone: on a 2-core machine anything running beside it makes the ratios noise.
@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "unit"))
 import layouts  # noqa: E402
 from models import asuka_alignment, asuka_mae, harmonizing_decoder  # noqa: E402
 from models.harmonizing_decoder import decode_tiled  # noqa: E402
+from models.harmonizing_stream import StreamingDecode  # noqa: E402
 
 
 def timed(fn, repeat=3):
@@ -95,62 +96,124 @@ def bench_conditioning():
               f"{(t_mae + t_t5 + t_al) / t_step:.3f}")
 
 
-def decode_case(size: int, tile: int, overlap: int) -> dict:
-    """Child process: decode one case, report time and peak RSS."""
+class PeakRSS:
+    """Peak resident-set growth over a block, sampled every 2 ms from /proc (CPU runs; on CUDA use the
+    allocator's own peak). malloc_trim first, so memory freed during set-up is not silently reused."""
+
+    def __enter__(self):
+        import ctypes
+        import threading
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _watch(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def growth_mib(self) -> float:
+        return (self.peak - self.base) / 2 ** 20
+
+
+MODES = {"whole": "whole image", "exact": "exact tiles", "independent": "independent tiles"}
+
+
+def decode_case(size: int, mode: str, tile: int, overlap: int) -> dict:
+    """Child process: decode one case, report time and the decode's peak memory growth."""
     torch.manual_seed(0)
     sd = harmonizing_decoder.convert_released(layouts.decoder_state_dict(z=16))
     dec = harmonizing_decoder.HarmonizingDecoder(harmonizing_decoder.config_from_state_dict(sd))
     dec.load_state_dict(sd)
     dec.eval().requires_grad_(False)
+    del sd
     g = torch.Generator().manual_seed(1)
     z = torch.randn(1, 16, size // 8, size // 8, generator=g)
     img = torch.rand(1, 3, size, size, generator=g) * 2 - 1
     m = torch.zeros(1, 1, size, size)
     m[..., size // 4: size // 2, size // 3: 2 * size // 3] = 1
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
-    with torch.no_grad():
-        out = dec(z, img, m) if tile == 0 else decode_tiled(dec, z, img, m, 8, tile // 8, overlap // 8)
+    with torch.no_grad(), PeakRSS() as mem:
+        if mode == "whole":
+            out = dec(z, img, m)
+        elif mode == "exact":
+            out = StreamingDecode(dec, "cpu", "cpu", tile)(z, img, m)
+        else:
+            out = decode_tiled(dec, z, img, m, 8, tile // 8, overlap // 8)
     dt = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    torch.save(out, f"/tmp/ci_bench_{size}_{tile}.pt")
-    return {"seconds": dt, "peak_mib": peak / 1024, "base_mib": base / 1024}
+    torch.save(out, f"/tmp/ci_bench_{size}_{mode}.pt")
+    return {"seconds": dt, "peak_mib": mem.growth_mib}
 
 
-def bench_decode(sizes, tile=512, overlap=64):
-    print(f"\n== Harmonizing decode, whole vs tiled (tile {tile}px, overlap {overlap}px; CPU float32) ==")
-    print(f"{'size':>6} {'whole s':>9} {'tiled s':>9} {'time ratio':>10} {'whole peak MiB':>15} {'tiled peak MiB':>15} "
-          f"{'mem ratio':>9} {'max|d| seams':>13} {'max|d| away':>12}")
+def bench_decode(sizes, tile=512, overlap=64, modes=tuple(MODES)):
+    print(f"\n== Harmonizing decode: whole vs tiled (tile {tile} px; independent tiles overlap {overlap} px; "
+          f"CPU float32) ==")
+    print("peak = growth of resident memory during the decode (the decoder and inputs are already loaded)")
+    print(f"{'size':>6} {'mode':>18} {'seconds':>9} {'time ratio':>10} {'peak MiB':>9} {'mem ratio':>9} "
+          f"{'max|d| seams':>13} {'max|d| away':>12}")
     for size in sizes:
         res = {}
-        for t in (0, tile):
-            out = subprocess.run([sys.executable, __file__, "--case", str(size), str(t), str(overlap)],
-                                 capture_output=True, text=True, check=True)
-            res[t] = json.loads(out.stdout.strip().splitlines()[-1])
-        whole = torch.load(f"/tmp/ci_bench_{size}_0.pt", weights_only=True)
-        tiled = torch.load(f"/tmp/ci_bench_{size}_{tile}.pt", weights_only=True)
-        diff = (whole - tiled).abs().amax(dim=(0, 1))               # [H, W]
-        near = torch.zeros(size, size, dtype=torch.bool)
-        stride = tile - overlap
-        for s in range(stride, size, stride):                         # bands around every tile boundary
-            near[:, max(s - overlap, 0): s + 2 * overlap] = True
-            near[max(s - overlap, 0): s + 2 * overlap, :] = True
-        w, tt = res[0], res[tile]
-        print(f"{size:>6} {w['seconds']:>9.2f} {tt['seconds']:>9.2f} {tt['seconds'] / w['seconds']:>10.2f} "
-              f"{w['peak_mib']:>15.0f} {tt['peak_mib']:>15.0f} {tt['peak_mib'] / w['peak_mib']:>9.2f} "
-              f"{diff[near].max().item():>13.4f} {diff[~near].max().item() if (~near).any() else float('nan'):>12.4f}")
-        print(f"       (output range of the whole decode: {whole.min().item():.2f} .. {whole.max().item():.2f})")
+        for mode in MODES:
+            if mode not in modes:
+                res[mode] = {"failed": "not run (--modes)"}
+                continue
+            out = subprocess.run([sys.executable, __file__, "--case", str(size), mode, str(tile), str(overlap)],
+                                 capture_output=True, text=True)
+            if out.returncode == 0:
+                res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            else:   # e.g. SIGKILL by the kernel's OOM killer: the case does not fit this machine
+                res[mode] = {"failed": f"exit {out.returncode}" + (" (killed: out of memory)" if out.returncode == -9
+                                                                   else "")}
+        whole = torch.load(f"/tmp/ci_bench_{size}_whole.pt", weights_only=True) if "seconds" in res["whole"] else None
+        near = torch.zeros(size, size, dtype=torch.bool)          # bands around every tile boundary
+        for mode, stride in (("exact", tile), ("independent", tile - overlap)):
+            for s in range(stride, size, stride):
+                near[:, max(s - overlap, 0): s + 2 * overlap] = True
+                near[max(s - overlap, 0): s + 2 * overlap, :] = True
+        w = res["whole"]
+        for mode, label in MODES.items():
+            r = res[mode]
+            if "failed" in r:
+                print(f"{size:>6} {label:>18} {r['failed']}")
+                continue
+            cols = ""
+            if mode != "whole" and whole is not None:
+                diff = (whole - torch.load(f"/tmp/ci_bench_{size}_{mode}.pt", weights_only=True)).abs().amax(dim=(0, 1))
+                band = lambda sel: diff[sel].max().item() if sel.any() else float("nan")
+                cols = f"{band(near):>13.2e} {band(~near):>12.2e}"
+            ratio = (lambda a, b: f"{a / b:>10.2f}") if "seconds" in w else (lambda a, b: f"{'n/a':>10}")
+            print(f"{size:>6} {label:>18} {r['seconds']:>9.2f} {ratio(r['seconds'], w.get('seconds', 1))} "
+                  f"{r['peak_mib']:>9.0f} {ratio(r['peak_mib'], w.get('peak_mib', 1))[1:]} {cols}")
+        if whole is not None:
+            print(f"       (output range of the whole decode: {whole.min().item():.2f} .. {whole.max().item():.2f})")
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--case":
-        print(json.dumps(decode_case(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))
+        print(json.dumps(decode_case(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))))
         sys.exit(0)
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--skip-cond", action="store_true")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     if not a.skip_cond:
         bench_conditioning()
-    bench_decode(a.sizes)
+    bench_decode(a.sizes, modes=a.modes)

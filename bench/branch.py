@@ -99,13 +99,21 @@ def sample_seconds(model, positive, negative, latent, steps: int) -> float:
     return time.perf_counter() - t
 
 
-def step_time(model, positive, negative, latent, n: int) -> float:
-    sample_seconds(model, positive, negative, latent, 1)                 # warm-up
-    return (sample_seconds(model, positive, negative, latent, 1 + n) - sample_seconds(model, positive, negative,
-                                                                                         latent, 1)) / n
+def step_times(models, positive, negative, latent, n: int, repeats: int) -> list[float]:
+    """Seconds per step for each model: runs of 1 and 1 + n steps, the models interleaved so that machine
+    noise hits them alike; the fastest of ``repeats`` rounds counts."""
+    for m in models:
+        sample_seconds(m, positive, negative, latent, 1)                 # warm-up
+    one = [float("inf")] * len(models)
+    more = [float("inf")] * len(models)
+    for _ in range(repeats):
+        for i, m in enumerate(models):
+            one[i] = min(one[i], sample_seconds(m, positive, negative, latent, 1))
+            more[i] = min(more[i], sample_seconds(m, positive, negative, latent, 1 + n))
+    return [(b - a) / n for a, b in zip(one, more)]
 
 
-def run_case(case: str, size: int, steps: int, branch_mod):
+def run_case(case: str, size: int, steps: int, branch_mod, repeats: int = 2):
     from comfy import model_management as mm
     base = case.split("-")[0]
     model = base_model(base)
@@ -131,8 +139,7 @@ def run_case(case: str, size: int, steps: int, branch_mod):
                                                       float(sampling.percent_to_sigma(1.0))),
                                    4, None, branch_layouts.injection_sites(branch.spec))
     patched = patch.attach(model)
-    plain_s = step_time(model, positive, negative, latent, steps)
-    branch_s = step_time(patched, positive, negative, latent, steps)
+    plain_s, branch_s = step_times([model, patched], positive, negative, latent, steps, repeats)
     return plain_s, branch_s
 
 
@@ -142,7 +149,8 @@ def main():
                     choices=["sd15-brushnet", "sd15-powerpaint", "sd15-painternet", "sdxl-brushnet",
                              "sdxl-painternet"])
     ap.add_argument("--size", type=int, default=0, help="0 = 512 for SD1.5, 1024 for SDXL")
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=1, help="extra steps timed per run")
+    ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
     import_comfy()
     branch_mod = import_pack()
@@ -152,7 +160,7 @@ def main():
     print(f"{'case':>17} {'size':>6} {'plain s/step':>13} {'branch s/step':>14} {'ratio':>7}")
     for case in a.cases:
         size = a.size or (512 if case.startswith("sd15") else 1024)
-        plain_s, branch_s = run_case(case, size, a.steps, branch_mod)
+        plain_s, branch_s = run_case(case, size, a.steps, branch_mod, a.repeats)
         print(f"{case:>17} {size:>6} {plain_s:>13.2f} {branch_s:>14.2f} {branch_s / plain_s:>7.3f}", flush=True)
 
 
