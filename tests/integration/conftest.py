@@ -778,6 +778,24 @@ class ModelFactory:
 # Fixtures
 # --------------------------------------------------------------------------------------
 
+def _register_model_node(session: "ComfySession", name: str, patch) -> str:
+    """Register a test-only node ``name`` (MODEL -> MODEL) that returns ``patch(model.clone())``; -> name."""
+    class ModelNode:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"model": ("MODEL",)}}
+        RETURN_TYPES = ("MODEL",)
+        FUNCTION = "run"
+        CATEGORY = "testing"
+
+        def run(self, model):
+            return (patch(model.clone()),)
+
+    ModelNode.__name__ = name
+    session.nodes.NODE_CLASS_MAPPINGS[name] = ModelNode
+    return name
+
+
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory) -> ComfySession:
     """The in-process ComfyUI session (skips every test if ComfyUI is not found)."""
@@ -802,6 +820,12 @@ def run_prompt(comfy):
 def graph(comfy):
     """A fresh ``comfy_execution.graph_utils.GraphBuilder`` with ids "1", "2", ..."""
     return comfy.graph()
+
+
+@pytest.fixture(scope="session")
+def model_node(comfy):
+    """``model_node(name, patch)``: register a test-only MODEL -> MODEL node returning ``patch(model.clone())``."""
+    return lambda name, patch: _register_model_node(comfy, name, patch)
 
 
 @pytest.fixture(scope="session")

@@ -60,31 +60,21 @@ def flux_asuka_files(comfy_models):
 
 
 @pytest.fixture(scope="module")
-def flux_call_spy(comfy):
+def flux_call_spy(comfy, model_node):
     """Test-only node: clones MODEL and records what every diffusion-model call receives."""
     calls = []
 
-    class CITestFluxCallSpy:
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {"model": ("MODEL",)}}
-        RETURN_TYPES = ("MODEL",)
-        FUNCTION = "run"
-        CATEGORY = "testing"
+    def patch(m):
+        def wrapper(apply_model, args):
+            c = args["c"]
+            calls.append({"input": tuple(args["input"].shape), "cond_or_uncond": list(args["cond_or_uncond"]),
+                          **{k: c[k].detach().clone() for k in ("c_crossattn", "y", "guidance", "c_concat")
+                             if k in c}})
+            return apply_model(args["input"], args["timestep"], **c)
+        m.set_model_unet_function_wrapper(wrapper)
+        return m
 
-        def run(self, model):
-            m = model.clone()
-
-            def wrapper(apply_model, args):
-                c = args["c"]
-                calls.append({"input": tuple(args["input"].shape), "cond_or_uncond": list(args["cond_or_uncond"]),
-                              **{k: c[k].detach().clone() for k in ("c_crossattn", "y", "guidance", "c_concat")
-                                 if k in c}})
-                return apply_model(args["input"], args["timestep"], **c)
-            m.set_model_unet_function_wrapper(wrapper)
-            return (m,)
-
-    comfy.nodes.NODE_CLASS_MAPPINGS["CITestFluxCallSpy"] = CITestFluxCallSpy
+    model_node("CITestFluxCallSpy", patch)
     yield calls
     comfy.nodes.NODE_CLASS_MAPPINGS.pop("CITestFluxCallSpy", None)
 

@@ -25,28 +25,18 @@ def asuka_files(comfy):
 
 
 @pytest.fixture(scope="module")
-def context_spy(comfy):
+def context_spy(comfy, model_node):
     """A test-only node that clones MODEL and records the cross-attention context of every model call."""
     calls = []
 
-    class CITestContextSpy:
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {"model": ("MODEL",)}}
-        RETURN_TYPES = ("MODEL",)
-        FUNCTION = "run"
-        CATEGORY = "testing"
+    def patch(m):
+        def wrapper(apply_model, args):
+            calls.append(args["c"]["c_crossattn"].detach().clone())
+            return apply_model(args["input"], args["timestep"], **args["c"])
+        m.set_model_unet_function_wrapper(wrapper)
+        return m
 
-        def run(self, model):
-            m = model.clone()
-
-            def wrapper(apply_model, args):
-                calls.append(args["c"]["c_crossattn"].detach().clone())
-                return apply_model(args["input"], args["timestep"], **args["c"])
-            m.set_model_unet_function_wrapper(wrapper)
-            return (m,)
-
-    comfy.nodes.NODE_CLASS_MAPPINGS["CITestContextSpy"] = CITestContextSpy
+    model_node("CITestContextSpy", patch)
     return calls
 
 

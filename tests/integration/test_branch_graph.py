@@ -118,77 +118,68 @@ def tiny_sdxl(comfy):
 
 
 @pytest.fixture(scope="module")
-def counter(comfy):
+def counter(comfy, model_node):
     """CITestBranchCounter: clones MODEL, wraps every patch function registered on it, and logs per call
     (sigma, patch name, site, whether the features changed); it also adds its own attn2_output_patch, as
     another node pack would, and logs the branch network's input batch size."""
     log = []
 
-    class CITestBranchCounter:
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {"model": ("MODEL",)}}
-        RETURN_TYPES = ("MODEL",)
-        FUNCTION = "run"
-        CATEGORY = "testing"
+    def patch(m):
+        patches = m.model_options["transformer_options"].get("patches", {})
 
-        def run(self, model):
-            m = model.clone()
-            patches = m.model_options["transformer_options"].get("patches", {})
+        def sigma(to):
+            s = to.get("sigmas")
+            return None if s is None else round(float(s.max()), 4)
 
-            def sigma(to):
-                s = to.get("sigmas")
-                return None if s is None else round(float(s.max()), 4)
+        def wrap_block(name, fn):
+            def w(h, to):
+                out = fn(h, to)
+                log.append(("patch", name, to["block"], sigma(to), not torch.equal(out, h)))
+                return out
+            return w
 
-            def wrap_block(name, fn):
-                def w(h, to):
-                    out = fn(h, to)
-                    log.append(("patch", name, to["block"], sigma(to), not torch.equal(out, h)))
-                    return out
-                return w
+        def wrap_output(fn):
+            def w(h, hsp, to):
+                out, hsp2 = fn(h, hsp, to)
+                log.append(("patch", "output_block_patch", to["block"], sigma(to), not torch.equal(out, h)))
+                return out, hsp2
+            return w
 
-            def wrap_output(fn):
-                def w(h, hsp, to):
-                    out, hsp2 = fn(h, hsp, to)
-                    log.append(("patch", "output_block_patch", to["block"], sigma(to), not torch.equal(out, h)))
-                    return out, hsp2
-                return w
+        def wrap_attn(fn):
+            def w(n, extra):
+                out = fn(n, extra)
+                site = (*extra["block"], extra.get("block_index", 0))
+                log.append(("patch", "attn2_output_patch", site, sigma(extra), not torch.equal(out, n)))
+                return out
+            return w
 
-            def wrap_attn(fn):
-                def w(n, extra):
-                    out = fn(n, extra)
-                    site = (*extra["block"], extra.get("block_index", 0))
-                    log.append(("patch", "attn2_output_patch", site, sigma(extra), not torch.equal(out, n)))
-                    return out
-                return w
+        def wrap_fte(handler):
+            def w(layer, x, *args, **kw):
+                out = handler(layer, x, *args, **kw)
+                log.append(("patch", "adder", layer.index, sigma(args[2]), not torch.equal(out, x)))
+                return out
+            return w
 
-            def wrap_fte(handler):
-                def w(layer, x, *args, **kw):
-                    out = handler(layer, x, *args, **kw)
-                    log.append(("patch", "adder", layer.index, sigma(args[2]), not torch.equal(out, x)))
-                    return out
-                return w
+        for name in ("input_block_patch", "input_block_patch_after_skip"):
+            patches[name] = [wrap_block(name, f) for f in patches.get(name, [])]
+        patches["output_block_patch"] = [wrap_output(f) for f in patches.get("output_block_patch", [])]
+        patches["attn2_output_patch"] = [wrap_attn(f) for f in patches.get("attn2_output_patch", [])]
+        patches["forward_timestep_embed_patch"] = [(c, wrap_fte(h)) for c, h in
+                                                   patches.get("forward_timestep_embed_patch", [])]
 
-            for name in ("input_block_patch", "input_block_patch_after_skip"):
-                patches[name] = [wrap_block(name, f) for f in patches.get(name, [])]
-            patches["output_block_patch"] = [wrap_output(f) for f in patches.get("output_block_patch", [])]
-            patches["attn2_output_patch"] = [wrap_attn(f) for f in patches.get("attn2_output_patch", [])]
-            patches["forward_timestep_embed_patch"] = [(c, wrap_fte(h)) for c, h in
-                                                       patches.get("forward_timestep_embed_patch", [])]
+        def other_pack(n, extra):       # an unrelated attn2 patch: must keep firing beside the branch
+            log.append(("other", "attn2_output_patch", extra["block"], sigma(extra), False))
+            return n
+        m.set_model_attn2_output_patch(other_pack)
+        for models in m.additional_models.values():
+            for p in models:
+                if not getattr(p.model, "_ci_hooked", False):
+                    p.model.register_forward_pre_hook(
+                        lambda mod, args: log.append(("branch", "forward", tuple(args[0].shape), None, True)))
+                    p.model._ci_hooked = True
+        return m
 
-            def other_pack(n, extra):       # an unrelated attn2 patch: must keep firing beside the branch
-                log.append(("other", "attn2_output_patch", extra["block"], sigma(extra), False))
-                return n
-            m.set_model_attn2_output_patch(other_pack)
-            for models in m.additional_models.values():
-                for p in models:
-                    if not getattr(p.model, "_ci_hooked", False):
-                        p.model.register_forward_pre_hook(
-                            lambda mod, args: log.append(("branch", "forward", tuple(args[0].shape), None, True)))
-                        p.model._ci_hooked = True
-            return (m,)
-
-    comfy.nodes.NODE_CLASS_MAPPINGS["CITestBranchCounter"] = CITestBranchCounter
+    model_node("CITestBranchCounter", patch)
     return log
 
 
