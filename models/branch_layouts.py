@@ -49,7 +49,8 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 
-from .weights import CheckpointFormatError, count_indexed, load_weights, tensor_dict
+from .weights import (CheckpointFormatError, check_tensors, count_indexed, load_weights, safetensors_metadata,
+                      tensor_dict)
 
 log = logging.getLogger(__name__)
 
@@ -451,6 +452,14 @@ class _Structure:
         }
 
 
+def _config(s, sd, conv_in_key, adm_key, level_ch, nrb, depths, depths_out, mid_depth):
+    """The UNetModel config both readers end with: input width from the branch input conv, adm width if any."""
+    w, adm = sd[conv_in_key], sd.get(adm_key)
+    return s.config(in_channels=int(w.shape[1]), model_channels=int(w.shape[0]), level_channels=level_ch, nrb=nrb,
+                    depths=depths, depths_out=depths_out, depth_mid=mid_depth or None,
+                    adm=None if adm is None else int(adm.shape[1]))
+
+
 def _read_diffusers(sd, path):
     """BrushNet / PowerPaint-v2 (diffusers ``BrushNetModel`` names) -> (config, middle, n_down, n_up)."""
     s = _Structure(path)
@@ -479,11 +488,8 @@ def _read_diffusers(sd, path):
     mid_res = count_indexed(sd, "mid_block.resnets.")
     if mid_res != 2:
         raise CheckpointFormatError(f"{_name(path)}: mid_block has {mid_res} resnets; BrushNet-family middles have 2")
-    w = sd["conv_in_condition.weight"]
-    adm = sd.get("add_embedding.linear_1.weight")
-    config = s.config(in_channels=int(w.shape[1]), model_channels=int(w.shape[0]), level_channels=level_ch,
-                      nrb=nrb, depths=depths, depths_out=depths_out, depth_mid=mid_depth or None,
-                      adm=None if adm is None else int(adm.shape[1]))
+    config = _config(s, sd, "conv_in_condition.weight", "add_embedding.linear_1.weight", level_ch, nrb, depths,
+                     depths_out, mid_depth)
     middle = MIDDLE_RES_ST_RES if mid_depth else MIDDLE_RES_RES
     counts = (count_indexed(sd, "brushnet_down_blocks."), count_indexed(sd, "brushnet_up_blocks."))
     return config, middle, counts
@@ -524,11 +530,8 @@ def _read_internal(sd, path):
         mid_depth, middle = s.transformer(sd, "middle_block.1", "middle_block"), MIDDLE_RES_ST_RES
         if not mid_depth:
             raise CheckpointFormatError(f"{_name(path)}: middle_block.1 is neither a ResBlock nor a SpatialTransformer")
-    w = sd["input_blocks.0.0.weight"]
-    adm = sd.get("label_emb.0.0.weight")
-    config = s.config(in_channels=int(w.shape[1]), model_channels=int(w.shape[0]), level_channels=level_ch,
-                      nrb=nrb, depths=depths, depths_out=depths_out, depth_mid=mid_depth or None,
-                      adm=None if adm is None else int(adm.shape[1]))
+    config = _config(s, sd, "input_blocks.0.0.weight", "label_emb.0.0.weight", level_ch, nrb, depths, depths_out,
+                     mid_depth)
     counts = (count_indexed(sd, "zero_down."), count_indexed(sd, "zero_up."))
     return config, middle, counts
 
@@ -622,37 +625,12 @@ def detect(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = 
                       metadata=MappingProxyType(dict(metadata or {})))
 
 
-def _listing(names, limit=6) -> str:
-    names = sorted(names)
-    return ", ".join(names[:limit]) + (f" … ({len(names) - limit} more)" if len(names) > limit else "")
-
-
 def convert(sd: Mapping[str, torch.Tensor], spec: BranchSpec, path="") -> dict[str, torch.Tensor]:
     """The file's tensors in the internal naming. Every key must be used; names and shapes are checked."""
-    rows = _table(spec)
-    if spec.layout == "diffusers":
-        rename = {d: i for i, d, _s in rows}
-    else:
-        rename = {i: i for i, _d, _s in rows}
-    missing = [k for k in rename if k not in sd]
-    unexpected = [k for k in sd if k not in rename]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors ({_listing(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensors ({_listing(unexpected)})")
-        raise CheckpointFormatError(f"{_name(path)} does not match {VARIANTS_BY_KIND[(spec.kind, spec.base)]}: "
-                                    f"{'; '.join(parts)}")
-    shapes = {i: s for i, _d, s in rows}
-    out = {rename[k]: v for k, v in sd.items()}
-    bad = [(k, tuple(out[rename[k]].shape), shapes[rename[k]]) for k in sd if tuple(sd[k].shape) != shapes[rename[k]]]
-    if bad:
-        k, got, want = bad[0]
-        raise CheckpointFormatError(
-            f"{_name(path)}: {k} has shape {got}; {VARIANTS_BY_KIND[(spec.kind, spec.base)]} needs {want}"
-            + (f" ({len(bad) - 1} more tensors have wrong shapes)" if len(bad) > 1 else ""))
-    return out
+    rows = [(d if spec.layout == "diffusers" else i, i, s) for i, d, s in _table(spec)]   # (file name, ours, shape)
+    rename = {f: i for f, i, _s in rows}
+    check_tensors(sd, {f: s for f, _i, s in rows}, path, VARIANTS_BY_KIND[(spec.kind, spec.base)])
+    return {rename[k]: v for k, v in sd.items()}
 
 
 VARIANTS_BY_KIND = {(kind, base): desc for (kind, base, desc) in VARIANTS.values()}
@@ -671,20 +649,8 @@ def painternet_metadata(base: str, mask: str = MASK_KEEP) -> dict[str, str]:
     return {"format": PAINTERNET_FORMAT, "version": PAINTERNET_VERSION, "base": base, "mask": mask}
 
 
-def read_safetensors_metadata(path) -> dict[str, str] | None:
-    """The ``__metadata__`` of a safetensors file (None for other files or when absent)."""
-    if os.path.splitext(str(path))[1].lower() not in (".safetensors", ".sft"):
-        return None
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return f.metadata()
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise CheckpointFormatError(f"{_name(path)} is not a readable safetensors file ({e})") from e
-
-
 def load_branch(path) -> tuple[BranchSpec, dict[str, torch.Tensor]]:
     """Read a branch file safely, detect its layout and return it in the internal naming."""
     sd = tensor_dict(load_weights(str(path)), str(path))
-    spec = detect(sd, read_safetensors_metadata(path), path)
+    spec = detect(sd, safetensors_metadata(path), path)
     return spec, convert(sd, spec, path)

@@ -167,8 +167,7 @@ class StreamingDecode:
         for i in range(self.prefix, len(layers)):
             s = self.enc_scale[i]
             conv = layers[i]
-            ps = self.enc_scale[i - 1] if i else 1
-            r = s // ps
+            r = s // self.enc_scale[i - 1]          # i >= prefix >= 1
 
             def fn(cy0, cy1, cx0, cx1, conv=conv, r=r, i=i, prev=prev):
                 src = (self._enc_prefix(i - 1, cy0 * r, cy1 * r, cx0 * r, cx1 * r) if prev is None
@@ -193,7 +192,10 @@ class StreamingDecode:
         """post-op: the tile's known region replaced by the condition features (ASUKA's replace_known)."""
         def post(core, s, y0, y1, x0, x1):
             mask = self._get(self.mask, y0 * s, y1 * s, x0 * s, x1 * s)
-            hole = mask if soft else (F.avg_pool2d(mask, s) > 0).to(core.dtype) if s > 1 else (mask > 0).to(core.dtype)
+            if soft:
+                hole = mask
+            else:   # any hole pixel in the s x s cell counts as hole (area-downsampled mask > 0)
+                hole = ((F.avg_pool2d(mask, s) if s > 1 else mask) > 0).to(core.dtype)
             f = self._feature((core.shape[1], self.mask.shape[-2] // s, self.mask.shape[-1] // s), y0, y1, x0, x1)
             return core * hole + f * (1 - hole)
         return post

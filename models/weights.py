@@ -169,6 +169,45 @@ def require_keys(sd: Mapping[str, Any], keys: Iterable[str], what: str, path: st
             f"{' …' if len(missing) > 4 else ''}. Found keys: {found}")
 
 
+def _listing(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f" … ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def check_tensors(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], path: str, what: str,
+                  ignore_unexpected: Iterable[str] = ()) -> None:
+    """The file must hold exactly the ``expected`` names with their shapes (keys starting with one of the
+    ``ignore_unexpected`` prefixes may be extra); the error names what is missing, extra or misshapen."""
+    name = os.path.basename(str(path)) or "weight file"
+    ignored = tuple(ignore_unexpected)
+    extra = sorted(k for k in sd if k not in expected and not k.startswith(ignored))
+    missing = sorted(k for k in expected if k not in sd)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors ({_listing(missing)})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected tensors ({_listing(extra)})")
+        raise CheckpointFormatError(f"{name} does not match {what}: {'; '.join(parts)}")
+    bad = [(k, tuple(sd[k].shape), want) for k, want in expected.items() if tuple(sd[k].shape) != tuple(want)]
+    if bad:
+        k, got, want = bad[0]
+        more = f" ({len(bad) - 1} more tensors have wrong shapes)" if len(bad) > 1 else ""
+        raise CheckpointFormatError(f"{name}: {k} has shape {got}; {what} needs {want}{more}")
+
+
+def safetensors_metadata(path) -> dict[str, str] | None:
+    """The ``__metadata__`` of a safetensors file (None for other files or when it has none)."""
+    if os.path.splitext(str(path))[1].lower() not in SAFETENSORS_EXTENSIONS:
+        return None
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.metadata()
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointFormatError(
+            f"{os.path.basename(str(path))} is not a readable safetensors file ({e})") from e
+
+
 def build_from_state_dict(factory, sd: Mapping[str, torch.Tensor], path: str, what: str, dtype=None,
                           ignore_unexpected: Iterable[str] = ()) -> torch.nn.Module:
     """Build ``factory(device='meta')`` and adopt the file's tensors (no second copy in memory), then cast.
@@ -177,21 +216,8 @@ def build_from_state_dict(factory, sd: Mapping[str, torch.Tensor], path: str, wh
     the architecture does not use are an error too, except prefixes listed in ``ignore_unexpected``.
     """
     module = factory(device="meta")
-    expected = set(module.state_dict())
-    ignored = tuple(ignore_unexpected)
-    extra = sorted(k for k in sd if k not in expected and not k.startswith(ignored))
-    missing = sorted(expected - set(sd))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors ({', '.join(missing[:4])}{' …' if len(missing) > 4 else ''})")
-        if extra:
-            parts.append(f"{len(extra)} unexpected tensors ({', '.join(extra[:4])}{' …' if len(extra) > 4 else ''})")
-        raise CheckpointFormatError(f"{os.path.basename(path)} does not match {what}: {'; '.join(parts)}")
-    shapes = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in module.state_dict().items() if sd[k].shape != v.shape]
-    if shapes:
-        k, got, want = shapes[0]
-        raise CheckpointFormatError(f"{os.path.basename(path)}: {k} has shape {got}, {what} needs {want}")
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    check_tensors(sd, expected, path, what, ignore_unexpected)
     module.load_state_dict({k: sd[k] for k in expected}, strict=True, assign=True)
     if dtype is not None:
         module.to(dtype)

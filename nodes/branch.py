@@ -33,7 +33,7 @@ import comfy.patcher_extension
 from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, Upsample
 
 from ..models import branch_layouts
-from ..models.weights import CheckpointFormatError
+from ..models.weights import build_from_state_dict
 from .branch_unet import BranchNet
 from .common import (Precision, check_finite, image_to_bchw, mask_to_b1hw, match_image_mask, model_files, model_path,
                      resolve_dtype, wrap_patcher)
@@ -48,22 +48,14 @@ class InpaintBranch:
     patcher: object            # ModelPatcher holding a BranchNet
     spec: object               # models.branch_layouts.BranchSpec
 
-    @property
-    def label(self) -> str:
-        return f"{self.spec.kind} ({self.spec.base})"
-
 
 # -- loading ---------------------------------------------------------------------------------------------
 def load_branch(path: str, dtype: torch.dtype, device, offload) -> InpaintBranch:
     import comfy.ops
     spec, sd = branch_layouts.load_branch(path)
-    with torch.device("meta"):
-        net = BranchNet(spec, dtype=dtype, operations=comfy.ops.manual_cast)
-    missing, unexpected = net.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
-    if missing or unexpected:
-        raise CheckpointFormatError(f"{path}: the {spec.kind} branch does not match the network built from its "
-                                    f"shapes (missing {sorted(missing)[:6]}, unexpected {sorted(unexpected)[:6]})")
-    net.eval().requires_grad_(False)
+    net = build_from_state_dict(
+        lambda device: BranchNet(spec, dtype=dtype, device=device, operations=comfy.ops.manual_cast),
+        sd, path, f"the {spec.kind} ({spec.base}) branch network built from its shapes", dtype)
     return InpaintBranch(wrap_patcher(net, device, offload), spec)
 
 
@@ -103,18 +95,16 @@ class BranchPatch:
                               if kind == branch_layouts.HOOK_INPUT_AFTER_SKIP}
         if sites["mid"] != (branch_layouts.HOOK_OUTPUT_H, 0):
             raise ValueError(f"unsupported middle-block injection site {sites['mid']}")
-        self.acp = {site: i for i, site in enumerate(branch.spec.acp_sites)}
 
     def __deepcopy__(self, memo):
         return self
 
     # - the wrapper: run the branch, pass the residuals down -
     def active(self, transformer_options) -> bool:
+        if self.scale == 0:
+            return False
         sigmas = transformer_options.get("sigmas")
-        if self.scale == 0 or sigmas is None:
-            return self.scale != 0
-        s = float(sigmas.max())
-        return self.sigma_end <= s <= self.sigma_start
+        return sigmas is None or self.sigma_end <= float(sigmas.max()) <= self.sigma_start
 
     def wrapper(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         if not self.active(transformer_options):
@@ -157,8 +147,8 @@ class BranchPatch:
         rep = len(chunks) // n_run
         s = self.scale
 
-        def fin(t):
-            t = t * s
+        def fin(t):   # in the UNet's dtype and scaled once per call, so the patches only add
+            t = t.to(x.dtype) if s == 1 else t.to(x.dtype) * s
             return t.repeat(rep, *([1] * (t.ndim - 1))) if rep > 1 else t
 
         return dict(down=[fin(t) for t in out["down"]], mid=fin(out["mid"]), up=[fin(t) for t in out["up"]],
@@ -169,7 +159,7 @@ class BranchPatch:
         res = transformer_options.get(self.key)
         if res is None:
             return h
-        kind, i = transformer_options["block"]
+        i = transformer_options["block"][1]
         return h if i in self.in_after_skip else h + res["down"][i].to(h.dtype)
 
     def input_block_after_skip(self, h, transformer_options):
@@ -206,7 +196,7 @@ class BranchPatch:
         m.set_model_input_block_patch(self.input_block)
         m.set_model_input_block_patch_after_skip(self.input_block_after_skip)
         m.set_model_output_block_patch(self.output_block)
-        if self.acp:
+        if self.branch.spec.acp_sites:
             m.set_model_attn2_output_patch(self.attn2_output)
         inside = {}
         for j, (kind, n) in enumerate(self.branch_sites_up):

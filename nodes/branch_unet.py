@@ -18,6 +18,8 @@ from torch import nn
 from comfy.ldm.modules.diffusionmodules.openaimodel import (ResBlock, TimestepEmbedSequential, Upsample, UNetModel,
                                                            forward_timestep_embed, timestep_embedding)
 
+from ..models.branch_layouts import MIDDLE_RES_RES
+
 
 def _unet_kwargs(spec) -> dict:
     kw = spec.unet_config                              # a fresh dict of UNetModel arguments, read from shapes
@@ -29,14 +31,13 @@ def _unet_kwargs(spec) -> dict:
 class BranchNet(nn.Module):
     def __init__(self, spec, dtype=None, device=None, operations=None):
         super().__init__()
-        self.spec = spec
         unet = UNetModel(**_unet_kwargs(spec), dtype=dtype, device=device, operations=operations)
         self.model_channels = unet.model_channels
         self.time_embed = unet.time_embed
         self.label_emb = getattr(unet, "label_emb", None)
         self.input_blocks, self.output_blocks = unet.input_blocks, unet.output_blocks
         mid_ch = unet.model_channels * unet.channel_mult[-1]
-        if spec.middle == "res_res":       # BrushNet: two ResBlocks, no attention (UNetModel cannot build it)
+        if spec.middle == MIDDLE_RES_RES:  # BrushNet: two ResBlocks, no attention (UNetModel cannot build it)
             first = unet.middle_block[0]
             second = ResBlock(mid_ch, first.emb_channels, 0, out_channels=mid_ch, dims=2,
                               dtype=dtype, device=device, operations=operations)

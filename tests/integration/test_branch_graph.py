@@ -337,32 +337,26 @@ def test_empty_and_full_masks_give_finite_samples(comfy, run_prompt, graph, unet
     assert torch.isfinite(out).all()
 
 
-def test_sdxl_branch_on_sd15_model_is_refused(comfy, run_prompt, graph, unet_ckpt, branch_files):
+@pytest.mark.parametrize("base,branch,match", [
+    ("sd15", "brushnet_sdxl_test.safetensors", "built for SDXL .* but the model is SD1.5"),
+    ("sdxl", "painternet_sd15_test.safetensors", "built for SD15 .* but the model is SDXL"),
+])
+def test_branch_for_the_other_base_is_refused(comfy, run_prompt, graph, unet_ckpt, branch_files, tiny_sdxl,
+                                              base, branch, match):
     ck = graph.node("CheckpointLoaderSimple", ckpt_name=unet_ckpt)
+    if base == "sdxl":
+        model = graph.node("CITestTinySDXL", seed=0).out(0)
+        pos = graph.node("CITestRandomConditioning", tokens=8, dim=2048, pooled_dim=1280, seed=1, scale=1.0)
+    else:
+        model, pos = ck.out(0), graph.node("CLIPTextEncode", text="x", clip=ck.out(1))
     image = graph.node("CITestNoiseImage", width=64, height=64, batch_size=1, seed=1)
     mask = graph.node("CITestRectMask", width=64, height=64, x=0, y=0, w=8, h=8)
-    pos = graph.node("CLIPTextEncode", text="x", clip=ck.out(1))
-    loader = graph.node("ConsistentInpaintBranchLoader", branch="brushnet_sdxl_test.safetensors", dtype="float32")
-    apply = graph.node("ConsistentInpaintApplyBranch", model=ck.out(0), vae=ck.out(2), image=image.out(0),
+    loader = graph.node("ConsistentInpaintBranchLoader", branch=branch, dtype="float32")
+    apply = graph.node("ConsistentInpaintApplyBranch", model=model, vae=ck.out(2), image=image.out(0),
                        mask=mask.out(0), branch=loader.out(0), positive=pos.out(0), negative=pos.out(0), scale=1.0,
                        start_percent=0.0, end_percent=1.0)
     graph.node("CITestCapture", value=apply.out(0))
-    with pytest.raises(comfy.PromptError, match="built for SDXL .* but the model is SD1.5"):
-        run_prompt(graph)
-
-
-def test_sd15_branch_on_sdxl_model_is_refused(comfy, run_prompt, graph, unet_ckpt, branch_files, tiny_sdxl):
-    ck = graph.node("CheckpointLoaderSimple", ckpt_name=unet_ckpt)
-    base = graph.node("CITestTinySDXL", seed=0)
-    image = graph.node("CITestNoiseImage", width=64, height=64, batch_size=1, seed=1)
-    mask = graph.node("CITestRectMask", width=64, height=64, x=0, y=0, w=8, h=8)
-    pos = graph.node("CITestRandomConditioning", tokens=8, dim=2048, pooled_dim=1280, seed=1, scale=1.0)
-    loader = graph.node("ConsistentInpaintBranchLoader", branch="painternet_sd15_test.safetensors", dtype="float32")
-    apply = graph.node("ConsistentInpaintApplyBranch", model=base.out(0), vae=ck.out(2), image=image.out(0),
-                       mask=mask.out(0), branch=loader.out(0), positive=pos.out(0), negative=pos.out(0), scale=1.0,
-                       start_percent=0.0, end_percent=1.0)
-    graph.node("CITestCapture", value=apply.out(0))
-    with pytest.raises(comfy.PromptError, match="built for SD15 .* but the model is SDXL"):
+    with pytest.raises(comfy.PromptError, match=match):
         run_prompt(graph)
 
 

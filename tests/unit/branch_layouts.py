@@ -55,25 +55,25 @@ class _Writer:
     def zero_conv(self, name, ch):
         self.conv(name, ch, ch, 1, zero=self.zero_init)
 
-    # diffusers blocks
-    def resnet(self, p, cin, cout, temb):
-        self.norm(f"{p}.norm1", cin)
-        self.conv(f"{p}.conv1", cin, cout, 3)
-        self.linear(f"{p}.time_emb_proj", temb, cout)
-        self.norm(f"{p}.norm2", cout)
-        self.conv(f"{p}.conv2", cout, cout, 3)
-        if cin != cout:
-            self.conv(f"{p}.conv_shortcut", cin, cout, 1)
+    # the same ResBlock tensors under diffusers names and under ComfyUI names
+    DIFFUSERS_RES = ("norm1", "conv1", "time_emb_proj", "norm2", "conv2", "conv_shortcut")
+    COMFY_RES = ("in_layers.0", "in_layers.2", "emb_layers.1", "out_layers.0", "out_layers.3", "skip_connection")
 
-    # ComfyUI blocks (same tensors, other names)
-    def resblock(self, p, cin, cout, temb):
-        self.norm(f"{p}.in_layers.0", cin)
-        self.conv(f"{p}.in_layers.2", cin, cout, 3)
-        self.linear(f"{p}.emb_layers.1", temb, cout)
-        self.norm(f"{p}.out_layers.0", cout)
-        self.conv(f"{p}.out_layers.3", cout, cout, 3)
+    def _res(self, p, cin, cout, temb, names):
+        norm1, conv1, emb, norm2, conv2, skip = names
+        self.norm(f"{p}.{norm1}", cin)
+        self.conv(f"{p}.{conv1}", cin, cout, 3)
+        self.linear(f"{p}.{emb}", temb, cout)
+        self.norm(f"{p}.{norm2}", cout)
+        self.conv(f"{p}.{conv2}", cout, cout, 3)
         if cin != cout:
-            self.conv(f"{p}.skip_connection", cin, cout, 1)
+            self.conv(f"{p}.{skip}", cin, cout, 1)
+
+    def resnet(self, p, cin, cout, temb):
+        self._res(p, cin, cout, temb, self.DIFFUSERS_RES)
+
+    def resblock(self, p, cin, cout, temb):
+        self._res(p, cin, cout, temb, self.COMFY_RES)
 
     def transformer(self, p, ch, depth, context_dim, linear):
         """diffusers Transformer2DModel == ComfyUI SpatialTransformer names."""

@@ -9,8 +9,8 @@ import torch
 import branch_layouts as W
 from models.branch_layouts import (
     MIDDLE_RES_RES, MIDDLE_RES_ST_RES, attention_sites, convert, detect, diffusers_key_map, injection_sites,
-    internal_shapes, load_branch, painternet_metadata, read_safetensors_metadata, zero_conv_channels)
-from models.weights import CheckpointFormatError
+    internal_shapes, load_branch, painternet_metadata, zero_conv_channels)
+from models.weights import CheckpointFormatError, safetensors_metadata
 
 FULL = {
     "brushnet_sd15": lambda: W.brushnet_sd15(device="meta"),
@@ -273,7 +273,7 @@ def test_painternet_missing_acp_is_named():
 
 def test_load_branch_from_files(tmp_path):
     p = W.write_painternet(tmp_path / "pn.safetensors", "sdxl", small=True, zero_init=True)
-    assert read_safetensors_metadata(p) == W.painternet_metadata("sdxl")
+    assert safetensors_metadata(p) == W.painternet_metadata("sdxl")
     spec, sd = load_branch(p)
     assert spec.kind == "painternet" and spec.base == "sdxl" and spec.n_acp == 11
     assert float(sd["zero_attn.3.weight"].abs().sum()) == 0 and float(sd["zero_up.0.bias"].abs().sum()) == 0
@@ -283,4 +283,4 @@ def test_load_branch_from_files(tmp_path):
     spec, sd = load_branch(q)
     assert spec.kind == "brushnet" and torch.equal(sd["output_blocks.11.0.out_layers.3.weight"],
                                                     src["up_blocks.3.resnets.2.conv2.weight"])
-    assert read_safetensors_metadata(tmp_path / "x.pt") is None
+    assert safetensors_metadata(tmp_path / "x.pt") is None
