@@ -593,6 +593,10 @@ def detect(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = 
     """Recognise a branch file from its keys and shapes (``metadata``: the safetensors header metadata)."""
     source = next((s for s in SOURCES if all(k in sd for k in s.signature)), None)
     if source is None:
+        if any("trainable_embeddings.P_" in k for k in sd):
+            raise CheckpointFormatError(
+                f"{_name(path)} is PowerPaint's task-prompt text encoder, not the branch: load it with the "
+                "'PowerPaint Task Prompt' node, and the branch (diffusion_pytorch_model.safetensors) here")
         raise CheckpointFormatError(
             f"{_name(path)} is not an inpaint-branch file. Found: {_families(sd)}. Accepted: {accepted_layouts()} "
             f"(signature keys: {'; '.join(f'{s.layout}: ' + ', '.join(s.signature) for s in SOURCES)}).")

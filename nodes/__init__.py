@@ -3,7 +3,6 @@ from .common import register_model_folders
 
 register_model_folders()
 
-from .asuka import ASUKAConditioning, ASUKALoader, HarmonizingDecode, HarmonizingDecoderLoader  # noqa: E402
-from .branch import ApplyBranch, BranchLoader  # noqa: E402
+from . import asuka, branch  # noqa: E402
 
-NODES = [ASUKALoader, ASUKAConditioning, HarmonizingDecoderLoader, HarmonizingDecode, BranchLoader, ApplyBranch]
+NODES = [*asuka.NODES, *branch.NODES]

@@ -258,3 +258,6 @@ def harmonized_decode(patcher, z, image, mask, tile_size: int, overlap: int, til
         pbar = comfy.utils.ProgressBar(tile_count(z.shape[-2], z.shape[-1], tile, ov))
         out = decode_tiled(run, z, image.cpu(), mask.cpu(), f, tile, ov, on_tile=lambda: pbar.update(1))
     return ((out.cpu() + 1) / 2).clamp(0, 1)
+
+
+NODES = [ASUKALoader, ASUKAConditioning, HarmonizingDecoderLoader, HarmonizingDecode]

@@ -19,6 +19,7 @@ How the branch reaches the UNet (all per model, through ComfyUI's patch routes; 
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -32,8 +33,8 @@ import comfy.model_management as mm
 import comfy.patcher_extension
 from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, Upsample
 
-from ..models import branch_layouts
-from ..models.weights import build_from_state_dict
+from ..models import branch_layouts, powerpaint_tasks
+from ..models.weights import build_from_state_dict, load_weights, tensor_dict
 from .branch_unet import BranchNet
 from .common import (Precision, check_finite, image_to_bchw, mask_to_b1hw, match_image_mask, model_files, model_path,
                      resolve_dtype, wrap_patcher)
@@ -75,6 +76,30 @@ class BranchAdder(nn.Module):
 def _adder_handler(layer, x, emb, context, transformer_options, *args, **kwargs):
     res = transformer_options.get(layer.key)
     return x if res is None else x + res["up"][layer.index].to(x.dtype)
+
+
+def _distinct_chunks(parts, n_chunks: int, rows: int):
+    """-> (keep, source): indices of the chunks to run and, for every chunk, the position in ``keep`` of the
+    chunk whose inputs (every tensor of ``parts`` that is not None, ``rows`` rows per chunk) are identical."""
+    keep, source = [], []
+    for i in range(n_chunks):
+        for j, k in enumerate(keep):
+            if all(p is None or torch.equal(p[i * rows:(i + 1) * rows], p[k * rows:(k + 1) * rows]) for p in parts):
+                source.append(j)
+                break
+        else:
+            source.append(len(keep))
+            keep.append(i)
+    return keep, source
+
+
+def _common_length(contexts: dict) -> dict:
+    """Token sequences of different lengths (e.g. 77 and 154) repeated to their least common multiple, as
+    ComfyUI batches cross-attention contexts; -> a new dict."""
+    n = 1
+    for c in contexts.values():
+        n = n * c.shape[1] // math.gcd(n, c.shape[1])
+    return {k: c.repeat(1, n // c.shape[1], 1) if c.shape[1] != n else c for k, c in contexts.items()}
 
 
 class BranchPatch:
@@ -130,26 +155,28 @@ class BranchPatch:
                              "conditioning (ConditioningSetArea) cannot be combined with an inpaint branch")
         if cond.shape[0] not in (1, rows):
             raise ValueError(f"inpaint branch: image batch {cond.shape[0]} does not match latent batch {rows}")
-        cond = cond.expand(rows, -1, -1, -1)
-        ctx = context
-        if self.branch_context is not None:
+        ctx = context if spec.uses_context else None
+        if ctx is not None and self.branch_context is not None:
             ctx = torch.cat([self.branch_context[c].to(x.device, x.dtype).expand(rows, -1, -1) for c in chunks])
-        n_run = len(chunks)
-        if spec.prompt_free and n_run > 1 and all(
-                torch.equal(lat[:rows], lat[i * rows:(i + 1) * rows]) and
-                torch.equal(timesteps[:rows], timesteps[i * rows:(i + 1) * rows]) for i in range(1, n_run)):
-            n_run = 1          # BrushNet SD1.5 reads neither prompt nor pooled text: one run serves every row
-        inp = torch.cat([lat[:rows * n_run], cond.repeat(n_run, 1, 1, 1)], dim=1)
+        yy = y if spec.uses_y else None
+        # Chunks whose branch inputs are equal share one branch run: always for BrushNet SD1.5 (it reads no
+        # prompt), and for PowerPaint tasks whose positive and negative task prompts are the same.
+        keep, source = _distinct_chunks((lat, timesteps, ctx, yy), len(chunks), rows)
+        sel = (lambda t: t) if len(keep) == len(chunks) else (
+            lambda t: torch.cat([t[i * rows:(i + 1) * rows] for i in keep]))
+        n_run = len(keep)
+        inp = torch.cat([sel(lat), cond.expand(rows, -1, -1, -1).repeat(n_run, 1, 1, 1)], dim=1)
         dt = net.dtype
         to = {k: v for k, v in transformer_options.items() if k not in ("patches", "patches_replace", "wrappers")}
-        out = net(inp.to(dt), timesteps[:rows * n_run], None if ctx is None else ctx[:rows * n_run].to(dt),
-                  None if y is None else y[:rows * n_run].to(dt), to)
-        rep = len(chunks) // n_run
+        out = net(inp.to(dt), sel(timesteps), None if ctx is None else sel(ctx).to(dt),
+                  None if yy is None else sel(yy).to(dt), to)
         s = self.scale
+        index = None if n_run == len(chunks) else torch.cat(
+            [torch.arange(rows, device=x.device) + j * rows for j in source])
 
-        def fin(t):   # in the UNet's dtype and scaled once per call, so the patches only add
+        def fin(t):   # in the UNet's dtype, scaled once per call and spread back over the chunks
             t = t.to(x.dtype) if s == 1 else t.to(x.dtype) * s
-            return t.repeat(rep, *([1] * (t.ndim - 1))) if rep > 1 else t
+            return t if index is None else t.index_select(0, index.to(t.device))
 
         return dict(down=[fin(t) for t in out["down"]], mid=fin(out["mid"]), up=[fin(t) for t in out["up"]],
                     attn={k: fin(v) for k, v in out["attn"].items()})
@@ -332,11 +359,95 @@ class ApplyBranch(io.ComfyNode):
         if branch_positive is not None or branch_negative is not None:
             if branch_positive is None or branch_negative is None:
                 raise ValueError("give both branch_positive and branch_negative, or neither")
-            branch_context = {0: branch_positive[0][0], 1: branch_negative[0][0]}
+            if not spec.uses_context:
+                raise ValueError(f"this {spec.kind} ({spec.base}) branch has no cross-attention, so it cannot use "
+                                 "branch_positive / branch_negative; disconnect them")
+            for name, c in (("branch_positive", branch_positive), ("branch_negative", branch_negative)):
+                width = spec.config["context_dim"]
+                if not c or c[0][0].ndim != 3 or c[0][0].shape[-1] != width:
+                    raise ValueError(f"{name} must be text conditioning {width} wide for this {spec.kind} branch, "
+                                     f"got {'nothing' if not c else tuple(c[0][0].shape)}")
+                if len(c) > 1:
+                    log.warning("%s has %d entries; the branch uses the first", name, len(c))
+            branch_context = _common_length({0: branch_positive[0][0], 1: branch_negative[0][0]})
         patch = BranchPatch(branch, cond, scale, sigma_range, latent_format.latent_channels, branch_context,
                             branch_layouts.injection_sites(spec))
         latent = {"samples": original.cpu(), "noise_mask": m.reshape(-1, 1, h8, w8)}
         return io.NodeOutput(patch.attach(model), positive, negative, latent)
 
 
-NODES = [BranchLoader, ApplyBranch]
+# -- PowerPaint-v2 task prompts -----------------------------------------------------------------------------
+def _task_clip(path, encoder_sd, clip):
+    """The text encoder for the task prompts: the one stored in the file (the authors' text_encoder_brushnet)
+    when it holds one, else the CLIP given (the authors use plain SD1.5's)."""
+    if encoder_sd is not None:
+        import comfy.sd
+        return comfy.sd.load_text_encoder_state_dicts([dict(encoder_sd)], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    if clip is None:
+        raise ValueError(f"{path} holds the task embeddings only; connect the SD1.5 CLIP (the authors use the "
+                         "plain SD1.5 text encoder for the branch)")
+    return clip
+
+
+def encode_task_word(clip, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[SOT, v_0 … v_{n-1}, EOT, pad…] through ComfyUI's CLIP-L, the learned vectors taking the place of the
+    placeholder tokens -> (tokens [1, 77, 768], pooled [1, 768])."""
+    base = clip.tokenize("")
+    if set(base) != {"l"}:
+        raise ValueError(f"PowerPaint's branch uses an SD1.5 (CLIP-L) text encoder; this CLIP has encoders "
+                         f"{sorted(base)}")
+    row = base["l"][0]
+    n = vectors.shape[0]
+    if n > len(row) - 2:
+        raise ValueError(f"{n} task vectors do not fit into {len(row)} tokens")
+    tokens = [row[0]] + [(vectors[i], 1.0) for i in range(n)] + list(row[1:len(row) - n])
+    return clip.encode_from_tokens({"l": [tokens]}, return_pooled=True)
+
+
+class PowerPaintTaskPrompt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentInpaintPowerPaintTaskPrompt",
+            display_name="PowerPaint Task Prompt",
+            category=CATEGORY,
+            description="The PowerPaint-v2 branch's task prompt (its learned P_obj / P_ctxt / P_shape tokens) as "
+                        "branch_positive / branch_negative for Apply Inpaint Branch. The UNet keeps your own prompt.",
+            inputs=[
+                io.Combo.Input("task_embeddings", options=model_files("inpaint_branch"),
+                               tooltip="PowerPaint_Brushnet/pytorch_model.bin as published (in models/inpaint_branch)"),
+                io.Combo.Input("task", options=list(powerpaint_tasks.TASKS), default="text-guided",
+                               tooltip="object-removal / outpainting: the authors also add 'empty scene blur' / "
+                                       "'empty scene' to the UNet prompt"),
+                io.Float.Input("fitting_degree", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="shape-guided: how closely the object follows the mask shape "
+                                       "(f·P_shape + (1−f)·P_ctxt)"),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Only for a file that holds the task vectors alone: the SD1.5 text encoder"),
+            ],
+            outputs=[io.Conditioning.Output(display_name="branch_positive"),
+                     io.Conditioning.Output(display_name="branch_negative")],
+        )
+
+    @classmethod
+    @torch.no_grad()
+    def execute(cls, task_embeddings, task, fitting_degree, clip=None):
+        path = model_path("inpaint_branch", task_embeddings)
+        vectors, encoder_sd = powerpaint_tasks.read_task_file(tensor_dict(load_weights(path), path), path)
+        text = _task_clip(path, encoder_sd, clip)
+        encoded = {}
+
+        def enc(word):
+            if word not in encoded:
+                encoded[word] = encode_task_word(text, vectors[word])
+            return encoded[word]
+
+        out = []
+        for a, b in powerpaint_tasks.TASKS[task]:
+            (ca, pa), (cb, pb) = enc(a), enc(b)
+            out.append([[powerpaint_tasks.blend(ca, cb, fitting_degree),
+                         {"pooled_output": powerpaint_tasks.blend(pa, pb, fitting_degree)}]])
+        return io.NodeOutput(*out)
+
+
+NODES = [BranchLoader, ApplyBranch, PowerPaintTaskPrompt]

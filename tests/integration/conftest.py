@@ -756,6 +756,23 @@ class ModelFactory:
         path = self._cached(name, spec, lambda: _random_state_dict(self._kl_vae_shapes(4, True), torch.float16, 3))
         return self.install("vae", path, name)
 
+    def sd15_controlnet(self, levels=1) -> str:
+        """SD1.5 ControlNet (controlnet folder) in the original ``control_model.*`` layout for the shallow UNet
+        of ``sd15_inpaint_checkpoint(levels)``: 4 latent + 3 hint channels, random weights (zero convs too)."""
+        import torch
+        import comfy.ops
+        from comfy.cldm.cldm import ControlNet
+        spec = {"kind": "sd15_controlnet", "levels": levels}
+
+        def build():
+            cfg = self.sd15_unet_config(levels, in_channels=4)
+            cfg.pop("out_channels")
+            m = ControlNet(hint_channels=3, device="meta", operations=comfy.ops.disable_weight_init, **cfg)
+            return _random_state_dict(_meta_shapes(m), torch.float16, 7, "control_model.")
+
+        name = f"ci-sd15-controlnet-{levels}level.safetensors"
+        return self.install("controlnet", self._cached(name, spec, build), name)
+
     def flux_fill_diffusion_model(self, depth=1, depth_single_blocks=1) -> str:
         """FLUX.1-Fill-shaped transformer (img_in 384 inputs -> FluxInpaint), bf16, for UNETLoader."""
         import torch

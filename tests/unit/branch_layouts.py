@@ -251,3 +251,38 @@ def write_diffusers(path, sd):
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
     return path
+
+
+def powerpaint_text_encoder(vectors=None, encoder=True, width=768, vocab=49408, prefix="", words=("P_ctxt", "P_shape", "P_obj")):
+    """PowerPaint_Brushnet/pytorch_model.bin as the authors' code writes it: the state dict of a transformers
+    CLIPTextModel (CLIP-L) whose token embedding was wrapped by ``EmbeddingLayerWithFixes`` (``.wrapped``) and
+    given one trainable [10, 768] parameter per task word (``.trainable_embeddings.P_obj`` …).
+
+    Encoder tensors are zero-stride views (shapes only; nothing is allocated) unless ``encoder`` is a dict."""
+    sd = {}
+    if encoder is True:
+        z = torch.zeros(())
+
+        def t(*shape):
+            return z.expand(*shape)
+        e = "text_model.embeddings."
+        sd[e + "token_embedding.wrapped.weight"] = t(vocab, width)
+        sd[e + "position_embedding.weight"] = t(77, width)
+        sd[e + "position_ids"] = torch.arange(77).unsqueeze(0)
+        for i in range(12):
+            p = f"text_model.encoder.layers.{i}."
+            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                sd[p + f"self_attn.{proj}.weight"], sd[p + f"self_attn.{proj}.bias"] = t(width, width), t(width)
+            for ln in ("layer_norm1", "layer_norm2"):
+                sd[p + f"{ln}.weight"], sd[p + f"{ln}.bias"] = t(width), t(width)
+            sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = t(4 * width, width), t(4 * width)
+            sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = t(width, 4 * width), t(width)
+        sd["text_model.final_layer_norm.weight"], sd["text_model.final_layer_norm.bias"] = t(width), t(width)
+    elif isinstance(encoder, dict):
+        sd.update(encoder)
+    g = torch.Generator().manual_seed(0)
+    for w in words:
+        v = None if vectors is None else vectors.get(w)
+        sd[f"text_model.embeddings.token_embedding.trainable_embeddings.{w}"] = (
+            torch.randn(10, width, generator=g) if v is None else v)
+    return {prefix + k: v for k, v in sd.items()}
