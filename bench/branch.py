@@ -80,7 +80,7 @@ def branch_file(case: str, tmp: str) -> str:
     path = os.path.join(tmp, f"{case}.safetensors")
     if case == "sd15-brushnet":
         save_file(published.brushnet_sd15(seed=1), path)
-    elif case == "sd15-powerpaint":
+    elif case.startswith("sd15-powerpaint"):
         save_file(published.powerpaint_v2(seed=2), path)
     elif case == "sdxl-brushnet":
         save_file(published.brushnet_sdxl(seed=3), path)
@@ -135,19 +135,35 @@ def run_case(case: str, size: int, steps: int, branch_mod, repeats: int = 2):
     cond = torch.cat([torch.randn(1, 4, size // 8, size // 8, generator=g), keep], dim=1)
     branch_mod._check_model(model, branch.spec)
     sampling = model.get_model_object("model_sampling")
+    task = None
+    if case.startswith("sd15-powerpaint"):
+        # PowerPaint's branch reads its task prompt (PowerPaint Task Prompt node): object removal gives the two
+        # CFG rows different prompts (P_ctxt / P_obj), text-guided the same one (P_obj), so one row serves both
+        p_task = torch.randn(1, 77, ctx_dim, generator=g)
+        task = {0: p_task, 1: p_task if case.endswith("textguided") else torch.randn(1, 77, ctx_dim, generator=g)}
     patch = branch_mod.BranchPatch(branch, cond, 1.0, (float(sampling.percent_to_sigma(0.0)),
                                                       float(sampling.percent_to_sigma(1.0))),
-                                   4, None, branch_layouts.injection_sites(branch.spec))
+                                   4, task, branch_layouts.injection_sites(branch.spec))
     patched = patch.attach(model)
     plain_s, branch_s = step_times([model, patched], positive, negative, latent, steps, repeats)
+    # free this case's models: with them still loaded the next case has less free memory, and ComfyUI then
+    # runs the CFG rows in separate model calls, which is a different measurement
+    del patched, patch, branch, model
+    mm.unload_all_models()
+    mm.cleanup_models()
+    import gc
+    gc.collect()
     return plain_s, branch_s
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", nargs="+", default=["sd15-brushnet", "sd15-powerpaint", "sd15-painternet"],
-                    choices=["sd15-brushnet", "sd15-powerpaint", "sd15-painternet", "sdxl-brushnet",
-                             "sdxl-painternet"])
+    ap.add_argument("--cases", nargs="+", default=["sd15-brushnet", "sd15-powerpaint", "sd15-powerpaint-textguided",
+                                                   "sd15-painternet"],
+                    choices=["sd15-brushnet", "sd15-powerpaint", "sd15-powerpaint-textguided", "sd15-painternet",
+                             "sdxl-brushnet", "sdxl-painternet"],
+                    help="sd15-powerpaint: object-removal task prompts (different per CFG row); "
+                         "-textguided: the same task prompt on both rows")
     ap.add_argument("--size", type=int, default=0, help="0 = 512 for SD1.5, 1024 for SDXL")
     ap.add_argument("--steps", type=int, default=1, help="extra steps timed per run")
     ap.add_argument("--repeats", type=int, default=2)
@@ -157,11 +173,11 @@ def main():
     torch.set_num_threads(os.cpu_count() or 1)
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} threads)"
     print(f"== Inpaint branch: seconds per sampling step (euler, cfg 5, cond+uncond), float32, {device} ==")
-    print(f"{'case':>17} {'size':>6} {'plain s/step':>13} {'branch s/step':>14} {'ratio':>7}")
+    print(f"{'case':>26} {'size':>6} {'plain s/step':>13} {'branch s/step':>14} {'ratio':>7}")
     for case in a.cases:
         size = a.size or (512 if case.startswith("sd15") else 1024)
         plain_s, branch_s = run_case(case, size, a.steps, branch_mod, a.repeats)
-        print(f"{case:>17} {size:>6} {plain_s:>13.2f} {branch_s:>14.2f} {branch_s / plain_s:>7.3f}", flush=True)
+        print(f"{case:>26} {size:>6} {plain_s:>13.2f} {branch_s:>14.2f} {branch_s / plain_s:>7.3f}", flush=True)
 
 
 if __name__ == "__main__":

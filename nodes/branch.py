@@ -18,6 +18,7 @@ How the branch reaches the UNet (all per model, through ComfyUI's patch routes; 
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import uuid
@@ -76,6 +77,45 @@ class BranchAdder(nn.Module):
 def _adder_handler(layer, x, emb, context, transformer_options, *args, **kwargs):
     res = transformer_options.get(layer.key)
     return x if res is None else x + res["up"][layer.index].to(x.dtype)
+
+
+# Branch results of the current sampling step, per patch key; set by the OUTER_SAMPLE wrapper for the length
+# of one sampling run. When ComfyUI runs the positive and the negative rows in separate model calls (it does
+# so when memory is short), a row whose branch inputs equal one already computed in this step reuses it.
+_STEP_RESULTS: contextvars.ContextVar = contextvars.ContextVar("consistent_inpaint_branch_step", default=None)
+
+
+class _StepResults:
+    """Branch outputs computed in the current step: [(inputs of one chunk, outputs for its rows)]."""
+
+    def __init__(self):
+        self.timesteps, self.entries = None, []
+
+    def lookup(self, timesteps, parts):
+        if self.timesteps is None or not torch.equal(self.timesteps, timesteps):
+            self.timesteps, self.entries = timesteps, []
+            return None
+        for inputs, outputs in self.entries:
+            if all((a is None) == (b is None) and (a is None or (a.shape == b.shape and torch.equal(a, b)))
+                   for a, b in zip(inputs, parts)):
+                return outputs
+        return None
+
+    def store(self, parts, outputs):
+        self.entries.append((parts, outputs))
+
+
+def _split_rows(out: dict, start: int, stop: int) -> dict:
+    return dict(down=[t[start:stop] for t in out["down"]], mid=out["mid"][start:stop],
+                up=[t[start:stop] for t in out["up"]], attn={k: v[start:stop] for k, v in out["attn"].items()})
+
+
+def _cat_rows(parts: list[dict]) -> dict:
+    if len(parts) == 1:
+        return parts[0]
+    return dict(down=[torch.cat(ts) for ts in zip(*(p["down"] for p in parts))],
+                mid=torch.cat([p["mid"] for p in parts]), up=[torch.cat(ts) for ts in zip(*(p["up"] for p in parts))],
+                attn={k: torch.cat([p["attn"][k] for p in parts]) for k in parts[0]["attn"]})
 
 
 def _distinct_chunks(parts, n_chunks: int, rows: int):
@@ -160,26 +200,50 @@ class BranchPatch:
             ctx = torch.cat([self.branch_context[c].to(x.device, x.dtype).expand(rows, -1, -1) for c in chunks])
         yy = y if spec.uses_y else None
         # Chunks whose branch inputs are equal share one branch run: always for BrushNet SD1.5 (it reads no
-        # prompt), and for PowerPaint tasks whose positive and negative task prompts are the same.
-        keep, source = _distinct_chunks((lat, timesteps, ctx, yy), len(chunks), rows)
-        sel = (lambda t: t) if len(keep) == len(chunks) else (
-            lambda t: torch.cat([t[i * rows:(i + 1) * rows] for i in keep]))
-        n_run = len(keep)
-        inp = torch.cat([sel(lat), cond.expand(rows, -1, -1, -1).repeat(n_run, 1, 1, 1)], dim=1)
-        dt = net.dtype
-        to = {k: v for k, v in transformer_options.items() if k not in ("patches", "patches_replace", "wrappers")}
-        out = net(inp.to(dt), sel(timesteps), None if ctx is None else sel(ctx).to(dt),
-                  None if yy is None else sel(yy).to(dt), to)
+        # prompt), and for PowerPaint tasks whose positive and negative task prompts are the same; across the
+        # model calls of one step too, when ComfyUI runs the rows separately.
+        parts = (lat, timesteps, ctx, yy)
+        keep, source = _distinct_chunks(parts, len(chunks), rows)
+
+        def chunk(i):
+            return tuple(None if p is None else p[i * rows:(i + 1) * rows] for p in parts)
+
+        runs = _STEP_RESULTS.get()
+        step = None if runs is None else runs.setdefault(self.key, _StepResults())
+        found = [None if step is None else step.lookup(timesteps[k * rows:(k + 1) * rows], chunk(k)) for k in keep]
+        todo = [k for k, f in zip(keep, found) if f is None]
+        if todo:
+            sel = (lambda t: t) if len(todo) == len(chunks) else (
+                lambda t: torch.cat([t[i * rows:(i + 1) * rows] for i in todo]))
+            inp = torch.cat([sel(lat), cond.expand(rows, -1, -1, -1).repeat(len(todo), 1, 1, 1)], dim=1)
+            dt = net.dtype
+            to = {k: v for k, v in transformer_options.items() if k not in ("patches", "patches_replace", "wrappers")}
+            out = net(inp.to(dt), sel(timesteps), None if ctx is None else sel(ctx).to(dt),
+                      None if yy is None else sel(yy).to(dt), to)
+            computed = iter(range(len(todo)))
+            for n, k in enumerate(keep):
+                if found[n] is None:
+                    r = next(computed)
+                    found[n] = out if len(todo) == 1 else _split_rows(out, r * rows, (r + 1) * rows)
+                    if step is not None:
+                        step.store(chunk(k), found[n])
+        # every chunk computed in batch order: the network's output as it is; else gather rows per chunk
+        res = out if len(todo) == len(chunks) else _cat_rows([found[j] for j in source])
         s = self.scale
-        index = None if n_run == len(chunks) else torch.cat(
-            [torch.arange(rows, device=x.device) + j * rows for j in source])
 
-        def fin(t):   # in the UNet's dtype, scaled once per call and spread back over the chunks
-            t = t.to(x.dtype) if s == 1 else t.to(x.dtype) * s
-            return t if index is None else t.index_select(0, index.to(t.device))
+        def fin(t):   # in the UNet's dtype and scaled once per call, so the patches only add
+            return t.to(x.dtype) if s == 1 else t.to(x.dtype) * s
 
-        return dict(down=[fin(t) for t in out["down"]], mid=fin(out["mid"]), up=[fin(t) for t in out["up"]],
-                    attn={k: fin(v) for k, v in out["attn"].items()})
+        return dict(down=[fin(t) for t in res["down"]], mid=fin(res["mid"]), up=[fin(t) for t in res["up"]],
+                    attn={k: fin(v) for k, v in res["attn"].items()})
+
+    def outer_sample(self, executor, *args, **kwargs):
+        """Scopes the per-step result sharing to one sampling run (nothing outlives it)."""
+        token = _STEP_RESULTS.set({})
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            _STEP_RESULTS.reset(token)
 
     # - the UNet-side patches -
     def input_block(self, h, transformer_options):
@@ -220,6 +284,7 @@ class BranchPatch:
         """-> a patched clone of ``model``."""
         m = model.clone()
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, self.key, self.wrapper)
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key, self.outer_sample)
         m.set_model_input_block_patch(self.input_block)
         m.set_model_input_block_patch_after_skip(self.input_block_after_skip)
         m.set_model_output_block_patch(self.output_block)

@@ -284,3 +284,60 @@ def test_low_vram_loading_gives_the_same_result(comfy, run_prompt, unet_ckpt, br
     low = _samples(run_prompt(g), s)
     assert spy and all(e["branch_lowvram"] and e["unet_lowvram"] for e in spy)
     torch.testing.assert_close(low, full, atol=1e-4, rtol=1e-4)
+
+
+# -- ComfyUI running the CFG rows in separate model calls ---------------------------------------------------
+@pytest.fixture(scope="module")
+def calls(model_node):
+    """CITestCallLog: logs cond_or_uncond of every model call (a model-function wrapper)."""
+    log = []
+
+    def patch(m):
+        def wrap(apply, args):
+            log.append(list(args["cond_or_uncond"]))
+            return apply(args["input"], args["timestep"], **args["c"])
+        m.set_model_unet_function_wrapper(wrap)
+        return m
+
+    model_node("CITestCallLog", patch)
+    return log
+
+
+@pytest.mark.parametrize("branch,task", [(BRUSHNET, None), (POWERPAINT, "text-guided")])
+def test_rows_run_in_separate_calls_share_one_branch_pass_per_step(comfy, run_prompt, unet_ckpt, branch_files,
+                                                                   task_files, spy, calls, monkeypatch, branch, task):
+    def build():
+        g = comfy.graph()
+        b = _base(g, unet_ckpt)
+        t = None if task is None else g.node("ConsistentInpaintPowerPaintTaskPrompt",
+                                             task_embeddings=task_files["full"], task=task, fitting_degree=1.0)
+        a = _apply(g, b, b["ck"].out(0), branch, task=t)
+        m = g.node("CITestCallLog", model=g.node("CITestBranchSpy", model=a.out(0)).out(0))
+        return g, _sample(g, m.out(0), a.out(1), a.out(2), a.out(3), steps=3)
+
+    g, s = build()
+    spy.clear(), calls.clear()
+    batched = _samples(run_prompt(g), s)
+    assert calls == [[1, 0]] * 3 and [e["rows"] for e in spy] == [1] * 3
+    # too little free memory to batch: ComfyUI calls the model once per row; the branch still runs once a step
+    real = comfy.model_management.get_free_memory
+
+    def tight(dev=None, torch_free_too=False):       # the sampler's batching question only; attention keeps its
+        return real(dev, torch_free_too) if torch_free_too else 1     # own (tuple) query
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", tight)
+    g, s = build()
+    spy.clear(), calls.clear()
+    separate = _samples(run_prompt(g), s)
+    assert len(calls) == 6 and all(len(c) == 1 for c in calls)
+    assert [e["rows"] for e in spy] == [1] * 3
+    # the same separate calls with the sharing switched off (the branch recomputed in every call): identical
+    import sys
+    pack_branch = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["ConsistentInpaintApplyBranch"].__module__]
+    monkeypatch.setattr(pack_branch._StepResults, "lookup", lambda self, *a: None)
+    g, s = build()
+    spy.clear(), calls.clear()
+    recomputed = _samples(run_prompt(g), s)
+    assert [e["rows"] for e in spy] == [1] * 6
+    assert torch.equal(separate, recomputed)
+    # and batched vs separate calls differ only by the UNet's batch-size rounding, amplified by CFG
+    torch.testing.assert_close(separate, batched, atol=2e-3, rtol=1e-2)
