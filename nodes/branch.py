@@ -79,27 +79,30 @@ def _adder_handler(layer, x, emb, context, transformer_options, *args, **kwargs)
     return x if res is None else x + res["up"][layer.index].to(x.dtype)
 
 
-# Branch results of the current sampling step, per patch key; set by the OUTER_SAMPLE wrapper for the length
-# of one sampling run. When ComfyUI runs the positive and the negative rows in separate model calls (it does
-# so when memory is short), a row whose branch inputs equal one already computed in this step reuses it.
-_STEP_RESULTS: contextvars.ContextVar = contextvars.ContextVar("consistent_inpaint_branch_step", default=None)
+# Per sampling run and patch key (set by the OUTER_SAMPLE wrapper for the length of one run): the branch's
+# fixed inputs moved to the sampling device once, and the branch results of the current step. When ComfyUI
+# runs the positive and the negative rows in separate model calls (it does so when memory is short), a row
+# whose branch inputs equal one already computed in this step reuses it.
+_RUN_STATE: contextvars.ContextVar = contextvars.ContextVar("consistent_inpaint_branch_run", default=None)
 
 
-class _StepResults:
-    """Branch outputs computed in the current step: [(inputs of one chunk, outputs for its rows)]."""
+def _same(a: tuple, b: tuple) -> bool:
+    """Two chunks' branch inputs (tuples of tensors or None) are identical."""
+    return all((x is None) == (y is None) and (x is None or (x.shape == y.shape and torch.equal(x, y)))
+               for x, y in zip(a, b))
 
+
+class _RunState:
     def __init__(self):
-        self.timesteps, self.entries = None, []
+        self.moved = {}                       # (name, device, dtype) -> tensor
+        self.timesteps, self.entries = None, []   # the current step's [(chunk inputs, outputs for its rows)]
 
-    def lookup(self, timesteps, parts):
-        if self.timesteps is None or not torch.equal(self.timesteps, timesteps):
-            self.timesteps, self.entries = timesteps, []
+    def lookup(self, parts):
+        """Outputs computed this step for inputs equal to ``parts`` (parts[1] = timesteps; a new step clears)."""
+        if self.timesteps is None or not torch.equal(self.timesteps, parts[1]):
+            self.timesteps, self.entries = parts[1], []
             return None
-        for inputs, outputs in self.entries:
-            if all((a is None) == (b is None) and (a is None or (a.shape == b.shape and torch.equal(a, b)))
-                   for a, b in zip(inputs, parts)):
-                return outputs
-        return None
+        return next((out for inputs, out in self.entries if _same(inputs, parts)), None)
 
     def store(self, parts, outputs):
         self.entries.append((parts, outputs))
@@ -118,18 +121,16 @@ def _cat_rows(parts: list[dict]) -> dict:
                 attn={k: torch.cat([p["attn"][k] for p in parts]) for k in parts[0]["attn"]})
 
 
-def _distinct_chunks(parts, n_chunks: int, rows: int):
+def _distinct(chunks: list[tuple]):
     """-> (keep, source): indices of the chunks to run and, for every chunk, the position in ``keep`` of the
-    chunk whose inputs (every tensor of ``parts`` that is not None, ``rows`` rows per chunk) are identical."""
+    chunk whose inputs are identical."""
     keep, source = [], []
-    for i in range(n_chunks):
-        for j, k in enumerate(keep):
-            if all(p is None or torch.equal(p[i * rows:(i + 1) * rows], p[k * rows:(k + 1) * rows]) for p in parts):
-                source.append(j)
-                break
-        else:
-            source.append(len(keep))
+    for i, parts in enumerate(chunks):
+        j = next((j for j, k in enumerate(keep) if _same(parts, chunks[k])), None)
+        if j is None:
+            j = len(keep)
             keep.append(i)
+        source.append(j)
     return keep, source
 
 
@@ -188,7 +189,17 @@ class BranchPatch:
             raise RuntimeError(f"inpaint branch: batch of {B} rows does not split into {len(chunks)} cond chunks")
         rows = B // len(chunks)
         lat = x[:, :self.latent_channels]
-        cond = self.cond.to(x.device, x.dtype)
+        run = (_RUN_STATE.get() or {}).get(self.key)
+
+        def moved(name, t):        # once per sampling run (every call outside one)
+            if run is None:
+                return t.to(x.device, x.dtype)
+            key = (name, x.device, x.dtype)
+            if key not in run.moved:
+                run.moved[key] = t.to(x.device, x.dtype)
+            return run.moved[key]
+
+        cond = moved("cond", self.cond)
         if cond.shape[-2:] != lat.shape[-2:]:
             raise ValueError(f"inpaint branch: the model is sampling a {lat.shape[-1] * 8}x{lat.shape[-2] * 8} area but "
                              f"the branch image is {cond.shape[-1] * 8}x{cond.shape[-2] * 8}; area-restricted "
@@ -197,37 +208,31 @@ class BranchPatch:
             raise ValueError(f"inpaint branch: image batch {cond.shape[0]} does not match latent batch {rows}")
         ctx = context if spec.uses_context else None
         if ctx is not None and self.branch_context is not None:
-            ctx = torch.cat([self.branch_context[c].to(x.device, x.dtype).expand(rows, -1, -1) for c in chunks])
-        yy = y if spec.uses_y else None
+            ctx = torch.cat([moved(c, self.branch_context[c]).expand(rows, -1, -1) for c in chunks])
+        parts = (lat, timesteps, ctx, y if spec.uses_y else None)
+        per_chunk = [tuple(None if p is None else p[i * rows:(i + 1) * rows] for p in parts)
+                     for i in range(len(chunks))]
         # Chunks whose branch inputs are equal share one branch run: always for BrushNet SD1.5 (it reads no
         # prompt), and for PowerPaint tasks whose positive and negative task prompts are the same; across the
         # model calls of one step too, when ComfyUI runs the rows separately.
-        parts = (lat, timesteps, ctx, yy)
-        keep, source = _distinct_chunks(parts, len(chunks), rows)
-
-        def chunk(i):
-            return tuple(None if p is None else p[i * rows:(i + 1) * rows] for p in parts)
-
-        runs = _STEP_RESULTS.get()
-        step = None if runs is None else runs.setdefault(self.key, _StepResults())
-        found = [None if step is None else step.lookup(timesteps[k * rows:(k + 1) * rows], chunk(k)) for k in keep]
-        todo = [k for k, f in zip(keep, found) if f is None]
+        keep, source = _distinct(per_chunk)
+        found = [None if run is None else run.lookup(per_chunk[k]) for k in keep]
+        todo = [n for n, f in enumerate(found) if f is None]          # positions in keep
         if todo:
-            sel = (lambda t: t) if len(todo) == len(chunks) else (
-                lambda t: torch.cat([t[i * rows:(i + 1) * rows] for i in todo]))
-            inp = torch.cat([sel(lat), cond.expand(rows, -1, -1, -1).repeat(len(todo), 1, 1, 1)], dim=1)
+            if len(todo) == len(chunks):        # every chunk, in batch order
+                lat_in, t_in, ctx_in, y_in = parts
+            else:
+                lat_in, t_in, ctx_in, y_in = (None if parts[i] is None else
+                                              torch.cat([per_chunk[keep[n]][i] for n in todo]) for i in range(4))
             dt = net.dtype
+            inp = torch.cat([lat_in, cond.expand(rows, -1, -1, -1).repeat(len(todo), 1, 1, 1)], dim=1)
             to = {k: v for k, v in transformer_options.items() if k not in ("patches", "patches_replace", "wrappers")}
-            out = net(inp.to(dt), sel(timesteps), None if ctx is None else sel(ctx).to(dt),
-                      None if yy is None else sel(yy).to(dt), to)
-            computed = iter(range(len(todo)))
-            for n, k in enumerate(keep):
-                if found[n] is None:
-                    r = next(computed)
-                    found[n] = out if len(todo) == 1 else _split_rows(out, r * rows, (r + 1) * rows)
-                    if step is not None:
-                        step.store(chunk(k), found[n])
-        # every chunk computed in batch order: the network's output as it is; else gather rows per chunk
+            out = net(inp.to(dt), t_in, None if ctx_in is None else ctx_in.to(dt),
+                      None if y_in is None else y_in.to(dt), to)
+            for r, n in enumerate(todo):
+                found[n] = out if len(todo) == 1 else _split_rows(out, r * rows, (r + 1) * rows)
+                if run is not None:
+                    run.store(per_chunk[keep[n]], found[n])
         res = out if len(todo) == len(chunks) else _cat_rows([found[j] for j in source])
         s = self.scale
 
@@ -238,12 +243,12 @@ class BranchPatch:
                     attn={k: fin(v) for k, v in res["attn"].items()})
 
     def outer_sample(self, executor, *args, **kwargs):
-        """Scopes the per-step result sharing to one sampling run (nothing outlives it)."""
-        token = _STEP_RESULTS.set({})
+        """Scopes the moved inputs and the per-step result sharing to one sampling run (nothing outlives it)."""
+        token = _RUN_STATE.set({**(_RUN_STATE.get() or {}), self.key: _RunState()})
         try:
             return executor(*args, **kwargs)
         finally:
-            _STEP_RESULTS.reset(token)
+            _RUN_STATE.reset(token)
 
     # - the UNet-side patches -
     def input_block(self, h, transformer_options):
@@ -427,8 +432,8 @@ class ApplyBranch(io.ComfyNode):
             if not spec.uses_context:
                 raise ValueError(f"this {spec.kind} ({spec.base}) branch has no cross-attention, so it cannot use "
                                  "branch_positive / branch_negative; disconnect them")
+            width = spec.config["context_dim"]
             for name, c in (("branch_positive", branch_positive), ("branch_negative", branch_negative)):
-                width = spec.config["context_dim"]
                 if not c or c[0][0].ndim != 3 or c[0][0].shape[-1] != width:
                     raise ValueError(f"{name} must be text conditioning {width} wide for this {spec.kind} branch, "
                                      f"got {'nothing' if not c else tuple(c[0][0].shape)}")

@@ -333,7 +333,7 @@ def test_rows_run_in_separate_calls_share_one_branch_pass_per_step(comfy, run_pr
     # the same separate calls with the sharing switched off (the branch recomputed in every call): identical
     import sys
     pack_branch = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["ConsistentInpaintApplyBranch"].__module__]
-    monkeypatch.setattr(pack_branch._StepResults, "lookup", lambda self, *a: None)
+    monkeypatch.setattr(pack_branch._RunState, "lookup", lambda self, *a: None)
     g, s = build()
     spy.clear(), calls.clear()
     recomputed = _samples(run_prompt(g), s)
@@ -341,3 +341,15 @@ def test_rows_run_in_separate_calls_share_one_branch_pass_per_step(comfy, run_pr
     assert torch.equal(separate, recomputed)
     # and batched vs separate calls differ only by the UNet's batch-size rounding, amplified by CFG
     torch.testing.assert_close(separate, batched, atol=2e-3, rtol=1e-2)
+
+
+def test_two_branches_on_one_model_both_run_every_step(comfy, run_prompt, graph, unet_ckpt, branch_files, spy):
+    b = _base(graph, unet_ckpt)
+    first = _apply(graph, b, b["ck"].out(0), BRUSHNET)
+    second = _apply(graph, b, first.out(0), PAINTERNET)
+    m = graph.node("CITestBranchSpy", model=second.out(0))
+    _sample(graph, m.out(0), second.out(1), second.out(2), second.out(3), steps=3)
+    spy.clear()
+    run_prompt(graph)
+    # BrushNet SD1.5: one row for both CFG rows; PainterNet: both rows; each once per step
+    assert sorted(e["rows"] for e in spy) == [1, 1, 1, 2, 2, 2]
