@@ -1,0 +1,176 @@
+"""Zoom-in crop around a mask and exact paste-back (LAR-Gen's preprocessing, usable with any inpaint graph), and
+the subject preparation of LAR-Gen (background to white, cropped to the subject, padded square with white).
+
+The authors' zoom-in: the mask's bounding box, scaled about its centre by ``context_factor`` (1.3), made square
+on its longer side, clipped to the image, padded with black to a square and resized to the model resolution;
+after sampling the whole square is resized back and written over the image.
+
+Ours differs where that loses information (documented in the node help):
+* the square is shifted to stay inside the image instead of being clipped, so it keeps real context; padding
+  is only needed where the image itself is narrower than the square, and it repeats the edge pixels by default
+  (``zero`` pads with black, as the authors);
+* the paste-back writes only inside the mask (feathered inwards), so every pixel outside the mask keeps its
+  exact input value.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+PADDING_MODES = ("edge", "zero")
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """One image's square window: rows [y0, y1) and columns [x0, x1) of the image, then padding (top, bottom,
+    left, right) to a ``side`` x ``side`` square."""
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    pad: tuple[int, int, int, int]
+    side: int
+
+
+@dataclass(frozen=True)
+class CropInfo:
+    boxes: tuple                 # one CropBox per batch item
+    height: int                  # the original image size
+    width: int
+    mask: torch.Tensor           # [B, 1, H, W] the original mask (paste weights), CPU float32
+    resolution: int              # the square size the crops were resized to
+
+
+def mask_bbox(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """Half-open (y0, y1, x0, x1) of the non-zero pixels of a [H, W] mask, or None when it is empty."""
+    rows, cols = torch.nonzero(mask.any(dim=1)), torch.nonzero(mask.any(dim=0))
+    if rows.numel() == 0:
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _span(lo: int, hi: int, side: int, size: int) -> tuple[int, int, int, int]:
+    """A window of ``side`` containing [lo, hi), centred on it, shifted inside [0, size) when it fits;
+    -> (start, stop, pad_before, pad_after) in image coordinates plus padding."""
+    start = round((lo + hi) / 2 - side / 2)
+    start = max(min(start, lo), hi - side)              # contain the box despite rounding
+    if side <= size:
+        start = min(max(start, 0), size - side)
+        return start, start + side, 0, 0
+    before = side - size
+    return 0, size, before // 2, before - before // 2   # the image is narrower than the square: pad it
+
+
+def zoom_box(bbox: tuple[int, int, int, int], height: int, width: int, context_factor: float) -> CropBox:
+    y0, y1, x0, x1 = bbox
+    side = max(1, math.ceil(max(y1 - y0, x1 - x0) * context_factor))
+    sy, ey, pt, pb = _span(y0, y1, side, height)
+    sx, ex, pl, pr = _span(x0, x1, side, width)
+    return CropBox(sy, ey, sx, ex, (pt, pb, pl, pr), side)
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+
+
+def _pad(x: torch.Tensor, pad: tuple[int, int, int, int], mode: str) -> torch.Tensor:
+    t, b, l, r = pad
+    if not any(pad):
+        return x
+    return F.pad(x, (l, r, t, b), mode="replicate" if mode == "edge" else "constant")
+
+
+def crop_to_mask(image: torch.Tensor, mask: torch.Tensor, context_factor: float, resolution: int,
+                 padding: str = "edge") -> tuple[torch.Tensor, torch.Tensor, CropInfo]:
+    """image [B,3,H,W] in [0,1], mask [B,1,H,W] in [0,1] (1 = inpaint; same batch) -> (crops [B,3,R,R],
+    crop masks [B,1,R,R] binary (resized, > 0.5, as the authors), CropInfo)."""
+    if padding not in PADDING_MODES:
+        raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+    B, _, H, W = image.shape
+    crops, masks, boxes = [], [], []
+    for i in range(B):
+        bbox = mask_bbox(mask[i, 0] > 0)
+        if bbox is None:
+            raise ValueError(f"mask {i} of the batch is empty: there is nothing to crop to; paint the area to inpaint")
+        box = zoom_box(bbox, H, W, context_factor)
+        win = (slice(None), slice(box.y0, box.y1), slice(box.x0, box.x1))
+        img = _pad(image[i:i + 1][(slice(None),) + win], box.pad, padding)
+        m = _pad(mask[i:i + 1][(slice(None),) + win], box.pad, "zero")
+        crops.append(_resize(img, resolution).clamp(0, 1))
+        masks.append((F.interpolate(m, size=(resolution, resolution), mode="bilinear", antialias=True,
+                                    align_corners=False) > 0.5).to(image.dtype))
+        boxes.append(box)
+    info = CropInfo(tuple(boxes), H, W, mask.detach().float().cpu().clone(), resolution)
+    return torch.cat(crops), torch.cat(masks), info
+
+
+def feather_weights(mask: torch.Tensor, feather: int) -> torch.Tensor:
+    """Paste weights: the mask, ramped down over ``feather`` pixels towards its border from the inside, and exactly
+    0 wherever the mask is 0. mask [B,1,H,W] in [0,1]."""
+    if feather <= 0:
+        return mask
+    inside = (mask > 0).to(mask.dtype)
+    ramp, eroded = inside.clone(), inside
+    for _ in range(feather - 1):
+        eroded = -F.max_pool2d(-eroded, 3, stride=1, padding=1)   # 3x3 erosion (image border counts as inside)
+        ramp = ramp + eroded
+    return torch.minimum(mask, ramp / feather)
+
+
+def paste_back(image: torch.Tensor, inpainted: torch.Tensor, info: CropInfo, feather: int) -> torch.Tensor:
+    """image [B,3,H,W] (the original), inpainted [B,3,h,w] (the crops after sampling, any square size) ->
+    [B,3,H,W]; pixels where the crop info's mask is 0 are returned bit-for-bit unchanged."""
+    B, _, H, W = image.shape
+    if (H, W) != (info.height, info.width):
+        raise ValueError(f"image is {W}x{H} but the crop was taken from a {info.width}x{info.height} image; "
+                         "connect the image that went into Crop To Mask")
+    if B != len(info.boxes):
+        raise ValueError(f"image batch is {B} but the crop info describes {len(info.boxes)} crops")
+    if inpainted.shape[0] != B:
+        raise ValueError(f"inpainted batch is {inpainted.shape[0]} but {B} crops were taken")
+    if inpainted.shape[-1] != inpainted.shape[-2]:
+        raise ValueError(f"inpainted is {inpainted.shape[-1]}x{inpainted.shape[-2]}; Crop To Mask made square "
+                         f"{info.resolution}x{info.resolution} crops, and the result must stay square")
+    out = image.clone()
+    weights = feather_weights(info.mask.to(image.device, image.dtype), feather)
+    for i, box in enumerate(info.boxes):
+        t, b, l, r = box.pad
+        patch = _resize(inpainted[i:i + 1].to(image.dtype), box.side).clamp(0, 1)
+        patch = patch[..., t:box.side - b, l:box.side - r]
+        region = (slice(i, i + 1), slice(None), slice(box.y0, box.y1), slice(box.x0, box.x1))
+        w = weights[i:i + 1, :, box.y0:box.y1, box.x0:box.x1]
+        base = image[region]
+        out[region] = torch.where(w > 0, base * (1 - w) + patch * w, base)
+    return out
+
+
+# -- the subject image --------------------------------------------------------------------------------------
+def prepare_subject(image: torch.Tensor, mask: torch.Tensor | None, margin: float = 1.02) -> torch.Tensor:
+    """LAR-Gen's subject preparation: background (mask 0) to white, cropped to the subject's bounding box, padded
+    with white to a square of ``margin`` x its longer side. image [S,3,H,W] in [0,1], mask [S,1,H,W] or None
+    (the whole image is the subject) -> [S,3,side,side] (one side for the batch: the largest)."""
+    if mask is None:
+        return _square_white(image, margin)
+    out = []
+    for i in range(image.shape[0]):
+        m = mask[min(i, mask.shape[0] - 1):][:1]
+        bbox = mask_bbox(m[0, 0] > 0.5)
+        if bbox is None:
+            raise ValueError(f"subject mask {i} is empty; it must cover the subject (1 = subject)")
+        y0, y1, x0, x1 = bbox
+        img = image[i:i + 1] * m + (1 - m)
+        out.append(img[..., y0:y1, x0:x1])
+    side = max(max(o.shape[-2:]) for o in out)
+    return torch.cat([_resize(_square_white(o, margin), math.ceil(side * margin)) for o in out])
+
+
+def _square_white(image: torch.Tensor, margin: float) -> torch.Tensor:
+    h, w = image.shape[-2:]
+    side = math.ceil(max(h, w) * margin)
+    t, l = (side - h) // 2, (side - w) // 2
+    return F.pad(image, (l, side - w - l, t, side - h - t), value=1.0)
