@@ -18,7 +18,6 @@ How the branch reaches the UNet (all per model, through ComfyUI's patch routes; 
 """
 from __future__ import annotations
 
-import contextvars
 import logging
 import math
 import uuid
@@ -37,8 +36,8 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequenti
 from ..models import branch_layouts, powerpaint_tasks
 from ..models.weights import build_from_state_dict, load_weights, tensor_dict
 from .branch_unet import BranchNet
-from .common import (Precision, check_finite, image_to_bchw, mask_to_b1hw, match_image_mask, model_files, model_path,
-                     resolve_dtype, wrap_patcher)
+from .common import (Precision, RunState, check_finite, image_to_bchw, mask_to_b1hw, match_image_mask, model_files,
+                     model_path, moved, resolve_dtype, run_scope, run_state, wrap_patcher)
 
 log = logging.getLogger(__name__)
 CATEGORY = "inpaint/consistent/branch"
@@ -79,22 +78,20 @@ def _adder_handler(layer, x, emb, context, transformer_options, *args, **kwargs)
     return x if res is None else x + res["up"][layer.index].to(x.dtype)
 
 
-# Per sampling run and patch key (set by the OUTER_SAMPLE wrapper for the length of one run): the branch's
-# fixed inputs moved to the sampling device once, and the branch results of the current step. When ComfyUI
-# runs the positive and the negative rows in separate model calls (it does so when memory is short), a row
-# whose branch inputs equal one already computed in this step reuses it.
-_RUN_STATE: contextvars.ContextVar = contextvars.ContextVar("consistent_inpaint_branch_run", default=None)
-
-
 def _same(a: tuple, b: tuple) -> bool:
     """Two chunks' branch inputs (tuples of tensors or None) are identical."""
     return all((x is None) == (y is None) and (x is None or (x.shape == y.shape and torch.equal(x, y)))
                for x, y in zip(a, b))
 
 
-class _RunState:
+class _RunState(RunState):
+    """Per sampling run (common.run_scope): the branch's fixed inputs moved to the sampling device once, and the
+    branch results of the current step. When ComfyUI runs the positive and the negative rows in separate model
+    calls (it does so when memory is short), a row whose branch inputs equal one already computed in this step
+    reuses it."""
+
     def __init__(self):
-        self.moved = {}                       # (name, device, dtype) -> tensor
+        super().__init__()
         self.timesteps, self.entries = None, []   # the current step's [(chunk inputs, outputs for its rows)]
 
     def lookup(self, parts):
@@ -189,17 +186,8 @@ class BranchPatch:
             raise RuntimeError(f"inpaint branch: batch of {B} rows does not split into {len(chunks)} cond chunks")
         rows = B // len(chunks)
         lat = x[:, :self.latent_channels]
-        run = (_RUN_STATE.get() or {}).get(self.key)
-
-        def moved(name, t):        # once per sampling run (every call outside one)
-            if run is None:
-                return t.to(x.device, x.dtype)
-            key = (name, x.device, x.dtype)
-            if key not in run.moved:
-                run.moved[key] = t.to(x.device, x.dtype)
-            return run.moved[key]
-
-        cond = moved("cond", self.cond)
+        run = run_state(self.key)
+        cond = moved(run, "cond", self.cond, x.device, x.dtype)
         if cond.shape[-2:] != lat.shape[-2:]:
             raise ValueError(f"inpaint branch: the model is sampling a {lat.shape[-1] * 8}x{lat.shape[-2] * 8} area but "
                              f"the branch image is {cond.shape[-1] * 8}x{cond.shape[-2] * 8}; area-restricted "
@@ -208,7 +196,7 @@ class BranchPatch:
             raise ValueError(f"inpaint branch: image batch {cond.shape[0]} does not match latent batch {rows}")
         ctx = context if spec.uses_context else None
         if ctx is not None and self.branch_context is not None:
-            ctx = torch.cat([moved(c, self.branch_context[c]).expand(rows, -1, -1) for c in chunks])
+            ctx = torch.cat([moved(run, c, self.branch_context[c], x.device, x.dtype).expand(rows, -1, -1) for c in chunks])
         parts = (lat, timesteps, ctx, y if spec.uses_y else None)
         per_chunk = [tuple(None if p is None else p[i * rows:(i + 1) * rows] for p in parts)
                      for i in range(len(chunks))]
@@ -241,14 +229,6 @@ class BranchPatch:
 
         return dict(down=[fin(t) for t in res["down"]], mid=fin(res["mid"]), up=[fin(t) for t in res["up"]],
                     attn={k: fin(v) for k, v in res["attn"].items()})
-
-    def outer_sample(self, executor, *args, **kwargs):
-        """Scopes the moved inputs and the per-step result sharing to one sampling run (nothing outlives it)."""
-        token = _RUN_STATE.set({**(_RUN_STATE.get() or {}), self.key: _RunState()})
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            _RUN_STATE.reset(token)
 
     # - the UNet-side patches -
     def input_block(self, h, transformer_options):
@@ -289,7 +269,7 @@ class BranchPatch:
         """-> a patched clone of ``model``."""
         m = model.clone()
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, self.key, self.wrapper)
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key, self.outer_sample)
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key, run_scope(self.key, _RunState))
         m.set_model_input_block_patch(self.input_block)
         m.set_model_input_block_patch_after_skip(self.input_block_after_skip)
         m.set_model_output_block_patch(self.output_block)

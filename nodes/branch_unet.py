@@ -1,6 +1,7 @@
-"""The inpaint branch network, built from ComfyUI's own UNet blocks (DESIGN principle 1's one exception).
+"""The networks that are copies of the UNet, built from ComfyUI's own UNet blocks (DESIGN principle 1's one
+exception): the inpaint branch and LAR-Gen's RefineNet.
 
-This is the only module of the pack that imports ``comfy.ldm``. The branch is a UNet copy (BrushNet:
+The inpaint branch is a UNet copy (BrushNet:
 attention-free; PowerPaint-v2 and PainterNet: with cross-attention) whose every layer output goes through a
 zero-initialised 1x1 conv, and (PainterNet) whose every cross-attention output goes through a zero-initialised
 linear, the attention control point. Weights arrive in the internal naming of ``models.branch_layouts``,
@@ -18,7 +19,26 @@ from torch import nn
 from comfy.ldm.modules.diffusionmodules.openaimodel import (ResBlock, TimestepEmbedSequential, Upsample, UNetModel,
                                                            forward_timestep_embed, timestep_embedding)
 
+from comfy.ldm.modules.attention import SpatialTransformer
+
 from ..models.branch_layouts import MIDDLE_RES_RES
+
+
+def transformer_sites(unet) -> dict:
+    """{(block kind, block id, transformer index): BasicTransformerBlock} of a ComfyUI UNetModel (or a copy), in
+    the naming of ComfyUI's transformer_options "block" / "block_index"."""
+    groups = ([("input", i, b) for i, b in enumerate(unet.input_blocks)] + [("middle", 0, unet.middle_block)]
+              + [("output", i, b) for i, b in enumerate(unet.output_blocks)])
+    return {(kind, i, j): tb for kind, i, block in groups for layer in block if isinstance(layer, SpatialTransformer)
+            for j, tb in enumerate(layer.transformer_blocks)}
+
+
+def set_transformer_norm_eps(unet, eps: float) -> None:
+    """The GroupNorm in front of every spatial transformer (ComfyUI and SGM: eps 1e-6). Only for networks the
+    pack itself built (LAR-Gen was trained with 1e-5 there)."""
+    for m in unet.modules():
+        if isinstance(m, SpatialTransformer):
+            m.norm.eps = eps
 
 
 def _unet_kwargs(spec) -> dict:
@@ -103,3 +123,63 @@ class BranchNet(nn.Module):
                     raise RuntimeError(f"branch cross-attention site {site} did not run")
                 attn[site] = lin(captured[site])
         return dict(down=down, mid=mid, up=up, attn=attn)
+
+
+class RefineNet(nn.Module):
+    """LAR-Gen's RefineNet: a copy of the SDXL UNet with a 4-channel input (weights in ComfyUI's UNet naming, i.e.
+    the authors' ``ref_*`` keys without ``ref_``; the output convolution ``out`` does not exist), plus the projector
+    ``Linear(CLIP width -> context width)`` that makes its cross-attention context from CLIP's last hidden state.
+
+    ``forward`` returns ``norm1(x)`` of every self-attention in the output blocks, keyed by ComfyUI site
+    ``("output", block id, transformer index)``: the tokens the main UNet's decoder self-attention appends. The
+    network stops after the last output block that has a transformer."""
+
+    def __init__(self, unet_config: dict, clip_width: int, dtype=None, device=None, operations=None):
+        super().__init__()
+        cfg = dict(unet_config, num_heads=-1, num_head_channels=64)
+        cfg.update(use_checkpoint=False, image_size=None)
+        unet = UNetModel(**cfg, dtype=dtype, device=device, operations=operations)
+        self.model_channels = unet.model_channels
+        self.time_embed, self.label_emb = unet.time_embed, unet.label_emb
+        self.input_blocks, self.middle_block, self.output_blocks = unet.input_blocks, unet.middle_block, unet.output_blocks
+        del unet
+        self.projector = operations.Linear(clip_width, cfg["context_dim"], dtype=dtype, device=device)
+        self.sites = tuple(s for s in transformer_sites(self) if s[0] == "output")
+        self.last_block = max((s[1] for s in self.sites), default=-1)
+
+    @property
+    def dtype(self):
+        return self.projector.weight.dtype
+
+    def forward(self, x, timesteps, context, y, transformer_options=None):
+        """x: [S, 4, h, w] the subject latent at the model's input scaling; context: [S, 257, 2048] (projected);
+        y: [S, 2816]. -> {site: [S, tokens, channels]}."""
+        captured = {}
+
+        def capture(n, context_attn1, value_attn1, extra):
+            block = extra["block"]
+            if block[0] == "output":
+                captured[(block[0], block[1], extra.get("block_index", 0))] = n
+            return n, context_attn1, value_attn1
+
+        to = {k: v for k, v in (transformer_options or {}).items() if k not in ("patches", "patches_replace", "wrappers")}
+        to["patches"] = {"attn1_patch": [capture]}
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        emb = emb + self.label_emb(y)
+        h, hs = x, []
+        for i, block in enumerate(self.input_blocks):
+            to["block"] = ("input", i)
+            h = forward_timestep_embed(block, h, emb, context, to)
+            hs.append(h)
+        to["block"] = ("middle", 0)
+        h = forward_timestep_embed(self.middle_block, h, emb, context, to)
+        for i, block in enumerate(self.output_blocks[:self.last_block + 1]):
+            to["block"] = ("output", i)
+            h = torch.cat([h, hs.pop()], dim=1)
+            if i == self.last_block and isinstance(block[-1], Upsample):
+                block = block[:-1]          # nothing after this block's self-attention is read
+            h = forward_timestep_embed(block, h, emb, context, to, output_shape=hs[-1].shape if hs else None)
+        missing = [s for s in self.sites if s not in captured]
+        if missing:
+            raise RuntimeError(f"RefineNet self-attention sites did not run: {missing[:4]}")
+        return captured

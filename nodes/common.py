@@ -1,9 +1,10 @@
 """ComfyUI glue shared by every node: model folders, tensor layout, input checks, ModelPatcher wrapping."""
 from __future__ import annotations
 
+import contextvars
 import enum
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -19,7 +20,11 @@ from ..models.weights import WEIGHT_EXTENSIONS
 MODEL_FOLDERS = {
     "asuka": "ASUKA: mae_300.pth, asuka_alignment_*.pt, txt_256.pt, vec.pt, asuka_decoder.ckpt",
     "inpaint_branch": "PainterNet (ours), BrushNet SD1.5/SDXL and PowerPaint-v2 diffusion_pytorch_model.safetensors",
+    "largen": "LAR-Gen: largen_ckpt_s22k.pth, ip-adapter-plus_sdxl_vit-h.bin, RefineNet files",
 }
+# More default directories a folder also lists (ComfyUI/models/<name>): LAR-Gen's resampler is IP-Adapter-Plus's
+# file, which users of IPAdapter nodes keep in models/ipadapter already.
+EXTRA_DEFAULT_DIRS = {"largen": ("ipadapter",)}
 NONE = "none"
 
 
@@ -27,14 +32,13 @@ def register_model_folders() -> None:
     """Add the pack's folders to ComfyUI's registry without dropping paths a user configured already."""
     exts = set(WEIGHT_EXTENSIONS)
     for name in MODEL_FOLDERS:
-        default = os.path.join(folder_paths.models_dir, name)
+        defaults = [os.path.join(folder_paths.models_dir, d) for d in (name, *EXTRA_DEFAULT_DIRS.get(name, ()))]
         if name in folder_paths.folder_names_and_paths:
             paths, old_exts = folder_paths.folder_names_and_paths[name]
-            if default not in paths:
-                paths.append(default)
+            paths.extend(d for d in defaults if d not in paths)
             folder_paths.folder_names_and_paths[name] = (paths, set(old_exts) | exts)
         else:
-            folder_paths.folder_names_and_paths[name] = ([default], exts)
+            folder_paths.folder_names_and_paths[name] = (defaults, exts)
 
 
 def model_files(folder: str, allow_none: bool = False) -> list[str]:
@@ -82,6 +86,45 @@ def wrap_patcher(module: torch.nn.Module, load_device: torch.device, offload_dev
     """Hand a network to ComfyUI's model management (loaded to the GPU when used, offloaded after)."""
     module.to(offload_device)
     return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+
+
+# -- state scoped to one sampling run -------------------------------------------------------------------
+# Patch objects are immutable once attached. What a patch may keep for the length of one sampling run (inputs
+# moved to the sampling device once, results shared between the model calls of a step, a noise generator) lives
+# here, keyed by the patch's key, set by an OUTER_SAMPLE wrapper and gone when the run ends.
+_RUN_SCOPE: contextvars.ContextVar = contextvars.ContextVar("consistent_inpaint_run", default=None)
+
+
+class RunState:
+    def __init__(self):
+        self.moved = {}                       # (name, device, dtype) -> tensor
+
+    def to(self, name, t: torch.Tensor, device, dtype) -> torch.Tensor:
+        key = (name, device, dtype)
+        if key not in self.moved:
+            self.moved[key] = t.to(device, dtype)
+        return self.moved[key]
+
+
+def run_state(key: str):
+    """The state of patch ``key`` for the sampling run in progress, or None outside one."""
+    return (_RUN_SCOPE.get() or {}).get(key)
+
+
+def moved(run: Optional[RunState], name, t: torch.Tensor, device, dtype) -> torch.Tensor:
+    """``t`` on the sampling device: once per run (every call outside one)."""
+    return t.to(device, dtype) if run is None else run.to(name, t, device, dtype)
+
+
+def run_scope(key: str, factory: Callable[[], RunState]):
+    """An OUTER_SAMPLE wrapper giving patch ``key`` a fresh ``factory()`` state for one sampling run."""
+    def outer_sample(executor, *args, **kwargs):
+        token = _RUN_SCOPE.set({**(_RUN_SCOPE.get() or {}), key: factory()})
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            _RUN_SCOPE.reset(token)
+    return outer_sample
 
 
 # -- tensor layout: the one place IMAGE [B,H,W,C] / MASK [B,H,W] become BCHW -----------------------------

@@ -99,7 +99,8 @@ def _to_api(wf, mapping):
 FILE_INPUTS = {"unet_name": "diffusion_models", "vae_name": "vae", "clip_name1": "text_encoders",
                "clip_name2": "text_encoders", "ckpt_name": "checkpoints", "mae": "asuka", "alignment": "asuka",
                "alignment_pooled": "asuka", "null_tokens": "asuka", "null_pooled": "asuka", "decoder": "asuka",
-               "branch": "inpaint_branch", "task_embeddings": "inpaint_branch"}
+               "branch": "inpaint_branch", "task_embeddings": "inpaint_branch", "checkpoint": "largen",
+               "image_proj": "largen", "clip_name": "clip_vision"}
 
 
 def _install_placeholders(comfy, prompt):

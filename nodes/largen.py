@@ -1,0 +1,688 @@
+"""LAR-Gen nodes: the released SDXL checkpoint, decoupled subject attention, the RefineNet, and the zoom-in crop
+with exact paste-back.
+
+How the subject reaches the UNet (the input MODEL is cloned, every route is one of ComfyUI's patch routes):
+
+* subject attention: an ``attn2`` *replace* at each of the 70 cross-attention sites computes the text attention
+  exactly as ComfyUI would (or calls the replace another node put there first, e.g. an IPAdapter) and adds
+  ``weight · Attn(q, K_ip, V_ip)``. The subject's keys and values are projected once, when the node runs: the
+  16 tokens go through ``to_k_ip`` / ``to_v_ip`` of every site then, so nothing of the 341 M projection weights
+  is needed while sampling. Positive rows attend to the subject, negative rows to the tokens of a zero image
+  (CLIP-normalised zeros through CLIP vision and the resampler), as the authors do; rows are told apart by
+  ComfyUI's ``cond_or_uncond``.
+* RefineNet: an ``APPLY_MODEL`` wrapper noises the subject latent to the step's sigma (ComfyUI's own
+  ``noise_scaling`` / ``calculate_input``), runs the RefineNet once per step (its input does not depend on the
+  prompt, so one pass serves every CFG row and every model call of the step), and hands its decoder
+  self-attention inputs down; an ``attn1_patch`` appends them to the keys/values of the main UNet's decoder
+  self-attention.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io
+from torch import nn
+
+import comfy.model_management as mm
+import comfy.patcher_extension
+from comfy.ldm.modules import attention as comfy_attention
+
+from ..models import largen, zoom
+from ..models.weights import CheckpointFormatError, build_from_state_dict, load_weights, strip_prefix, tensor_dict
+from .branch_unet import RefineNet, set_transformer_norm_eps, transformer_sites
+from .common import (Precision, RunState, bchw_to_image, check_finite, comfy_build_kwargs, image_to_bchw,
+                     mask_to_b1hw, match_image_mask, model_files, model_path, moved, resolve_dtype, run_scope,
+                     run_state, wrap_patcher)
+
+log = logging.getLogger(__name__)
+CATEGORY = "inpaint/consistent/LAR-Gen"
+SubjectAdapterType = io.Custom("SUBJECT_ADAPTER")
+RefineNetType = io.Custom("REFINENET")
+CropInfoType = io.Custom("CROP_INFO")
+FROM_CHECKPOINT = "from checkpoint"
+AUTHORS_TRANSFORMER_NORM_EPS = 1e-5     # scepter's GroupNorm32 default; SGM / ComfyUI use 1e-6
+SDXL_CONTEXT, SDXL_ADM, SDXL_POOLED = 2048, 2816, 1280
+
+
+# -- loading ---------------------------------------------------------------------------------------------
+def _sdxl_unet(sd: dict, path: str, dtype_choice: str, in_channels: int):
+    """A ComfyUI SDXL model object for an SGM-layout UNet state dict of any depth (ComfyUI's own detection only
+    accepts the exact SDXL depths), loaded strictly: every tensor used, none missing."""
+    import comfy.model_detection
+    import comfy.model_patcher
+    import comfy.supported_models
+    name = os.path.basename(path)
+    cfg = comfy.model_detection.detect_unet_config(sd, "")
+    if (cfg is None or cfg.get("context_dim") != SDXL_CONTEXT or cfg.get("adm_in_channels") != SDXL_ADM
+            or not cfg.get("use_linear_in_transformer") or cfg.get("in_channels") != in_channels):
+        got = "nothing recognisable" if cfg is None else (
+            f"text width {cfg.get('context_dim')}, size/pooled vector {cfg.get('adm_in_channels')}, "
+            f"{cfg.get('in_channels')} input channels")
+        raise CheckpointFormatError(f"{name}: expected an SDXL UNet (text width {SDXL_CONTEXT}, vector {SDXL_ADM}, "
+                                    f"{in_channels} input channels), found {got}")
+    model_config = comfy.supported_models.SDXL(cfg)
+    load_device = mm.get_torch_device()
+    params = sum(t.numel() for t in sd.values())
+    if Precision(dtype_choice) == Precision.AUTO:
+        dtype = mm.unet_dtype(model_params=params, supported_dtypes=list(model_config.supported_inference_dtypes),
+                              weight_dtype=next(iter(sd.values())).dtype)
+    else:
+        dtype = resolve_dtype(dtype_choice, load_device)
+    model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device,
+                                                                 model_config.supported_inference_dtypes))
+    model = model_config.get_model({}, "")
+    expected = model.diffusion_model.state_dict()
+    missing = sorted(k for k in expected if k not in sd)
+    extra = sorted(k for k in sd if k not in expected)
+    bad = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if missing or extra or bad:
+        raise CheckpointFormatError(
+            f"{name}: the UNet does not load strictly: {len(missing)} missing ({', '.join(missing[:3])}), "
+            f"{len(extra)} unexpected ({', '.join(extra[:3])}), {len(bad)} of another shape ({', '.join(bad[:3])})")
+    model.load_model_weights(sd, "")
+    set_transformer_norm_eps(model.diffusion_model, AUTHORS_TRANSFORMER_NORM_EPS)
+    return comfy.model_patcher.ModelPatcher(model.to(mm.unet_offload_device()), load_device=load_device,
+                                            offload_device=mm.unet_offload_device())
+
+
+class SubjectAdapterNet(nn.Module):
+    """The IP-Adapter-Plus resampler and the per-site subject projections (``to_k_ip`` / ``to_v_ip``)."""
+
+    def __init__(self, rcfg: largen.ResamplerConfig, sites: dict, context_dim: int, dtype=None, device=None,
+                 operations=None, attention=None):
+        super().__init__()
+        self.resampler = largen.Resampler(rcfg, dtype=dtype, device=device, operations=operations, attention=attention)
+        self.sites = tuple(sites)
+
+        def lin(ch):
+            return operations.Linear(context_dim, ch, bias=False, dtype=dtype, device=device)
+
+        self.to_k_ip = nn.ModuleDict({largen.site_name(s): lin(ch) for s, ch in sites.items()})
+        self.to_v_ip = nn.ModuleDict({largen.site_name(s): lin(ch) for s, ch in sites.items()})
+
+    @property
+    def dtype(self):
+        return self.resampler.latents.dtype
+
+    def project(self, tokens: torch.Tensor) -> dict:
+        """[S, 16, 2048] -> {site: (K_ip [S, 16, C], V_ip [S, 16, C])}."""
+        return {s: (self.to_k_ip[largen.site_name(s)](tokens), self.to_v_ip[largen.site_name(s)](tokens))
+                for s in self.sites}
+
+
+@dataclass(frozen=True)
+class SubjectAdapter:
+    patcher: object                 # ModelPatcher of a SubjectAdapterNet
+    channels: dict                  # site -> channels
+    embedding_dim: int              # CLIP vision width the resampler reads
+    source: str
+
+
+def load_largen(path: str, image_proj_path: str | None, dtype_choice: str):
+    parts = largen.split_checkpoint(tensor_dict(load_weights(path), path), path)
+    if parts.carries:
+        log.info("%s also holds %s; the LAR-Gen workflows use the standard SDXL ones (the authors froze them)",
+                 path, " and ".join(parts.carries))
+    model = _sdxl_unet(parts.unet, path, dtype_choice, in_channels=9)
+    if image_proj_path is None:
+        if parts.resampler is None:
+            raise CheckpointFormatError(f"{path} carries no IP-Adapter-Plus resampler; choose "
+                                        "ip-adapter-plus_sdxl_vit-h.bin as image_proj")
+        rsd, rsrc = parts.resampler, path
+    else:
+        rsd, rsrc = largen.read_image_proj(load_weights(image_proj_path), image_proj_path), image_proj_path
+    rcfg = largen.resampler_config(rsd, rsrc)
+    channels = {s: k.shape[0] for s, (k, _) in parts.ip.items()}
+    ctx = next(iter(parts.ip.values()))[0].shape[1]
+    if rcfg.output_dim != ctx:
+        hint = " (an SD1.5 IP-Adapter-Plus)" if rcfg.output_dim == 768 else ""
+        raise CheckpointFormatError(
+            f"{rsrc}: the resampler makes {rcfg.output_dim}-wide subject tokens{hint}, but LAR-Gen's subject "
+            f"projections take {ctx}-wide ones; use ip-adapter-plus_sdxl_vit-h.bin")
+    sd = {f"resampler.{k}": v for k, v in rsd.items()}
+    for s, (k, v) in parts.ip.items():
+        sd[f"to_k_ip.{largen.site_name(s)}.weight"], sd[f"to_v_ip.{largen.site_name(s)}.weight"] = k, v
+    device, offload = mm.get_torch_device(), mm.unet_offload_device()
+    dtype = model.model.get_dtype()
+    kw = comfy_build_kwargs(device)
+    net = build_from_state_dict(lambda device: SubjectAdapterNet(rcfg, channels, ctx, dtype=dtype, device=device, **kw),
+                                sd, rsrc, "the LAR-Gen subject adapter (IP-Adapter-Plus resampler + to_k_ip/to_v_ip)",
+                                dtype)
+    return model, SubjectAdapter(wrap_patcher(net, device, offload), channels, rcfg.embedding_dim, rsrc)
+
+
+@dataclass(frozen=True)
+class RefineNetModel:
+    patcher: object                 # ModelPatcher of a branch_unet.RefineNet
+
+    @property
+    def net(self):
+        return self.patcher.model
+
+
+def load_refinenet(path: str, dtype_choice: str) -> RefineNetModel:
+    import comfy.model_detection
+    sd = tensor_dict(load_weights(path), path)
+    parts = largen.split_checkpoint(sd, path, need_subject=False)
+    name = os.path.basename(path)
+    if not parts.refinenet:
+        raise CheckpointFormatError(
+            f"{name} holds no RefineNet (no ref_input_blocks / ref_middle_block / ref_output_blocks weights). The "
+            "public LAR-Gen release disables it; a RefineNet file comes from training (format: docs/largen_format.md)")
+    projector = parts.projector or strip_prefix(sd, "patch_projector.") or None
+    if not projector or "weight" not in projector:
+        raise CheckpointFormatError(f"{name}: the RefineNet needs its patch projector (conditioner …patch_projector."
+                                    "weight/bias, or patch_projector.weight/bias at the top level); none found")
+    cfg = comfy.model_detection.detect_unet_config(parts.refinenet, "")
+    if cfg is None or cfg.get("in_channels") != 4 or cfg.get("context_dim") != SDXL_CONTEXT:
+        raise CheckpointFormatError(f"{name}: the ref_* weights are not an SDXL UNet with a 4-channel input")
+    device, offload = mm.get_torch_device(), mm.unet_offload_device()
+    dtype = resolve_dtype(dtype_choice, device)
+    width = projector["weight"].shape[1]
+    full = dict(parts.refinenet, **{f"projector.{k}": v for k, v in projector.items()})
+    import comfy.ops
+    net = build_from_state_dict(lambda device: RefineNet(cfg, width, dtype=dtype, device=device,
+                                                         operations=comfy.ops.manual_cast),
+                                full, path, "LAR-Gen's RefineNet (ref_* UNet copy + patch projector)", dtype)
+    set_transformer_norm_eps(net, AUTHORS_TRANSFORMER_NORM_EPS)
+    return RefineNetModel(wrap_patcher(net, device, offload))
+
+
+# -- the subject image -------------------------------------------------------------------------------------
+def subject_square(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """IMAGE (RGB, or RGBA whose alpha marks the subject) + optional MASK (1 = subject) -> [S,3,s,s] on white."""
+    if image.ndim == 4 and image.shape[-1] == 4 and mask is None:
+        mask = image[..., 3]
+    pixels = image_to_bchw(image, "subject_image")
+    m = None
+    if mask is not None:
+        m = mask_to_b1hw(mask, "subject_mask")
+        if m.shape[-2:] != pixels.shape[-2:]:     # e.g. LoadImage's 64x64 stand-in mask of an image without alpha
+            m = F.interpolate(m, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+        pixels, m = match_image_mask(pixels, m)
+    return zoom.prepare_subject(pixels, m)
+
+
+def _clip_width_error(width: int, want: int) -> str:
+    names = {1024: "CLIP ViT-L/14", 1280: "CLIP ViT-H/14", 1664: "CLIP ViT-bigG/14"}
+    return (f"the CLIP vision model gives {width}-wide features ({names.get(width, 'another encoder')}), but LAR-Gen "
+            f"needs {want} ({names.get(want, '?')}; e.g. CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors in "
+            "models/clip_vision)")
+
+
+def encode_subject(clip_vision, square: torch.Tensor):
+    """-> (penultimate hidden states [S,T,W], last hidden state [S,T,W]) of the square subject images."""
+    out = clip_vision.encode_image(square.movedim(1, -1), crop=True)
+    return out["penultimate_hidden_states"], out["last_hidden_state"]
+
+
+def encode_zero_image(clip_vision) -> torch.Tensor:
+    """Penultimate hidden states of the authors' unconditional image: zeros after CLIP normalisation (the image
+    preprocessing would round the mean colour to 8 bits, so the pixel values go in directly)."""
+    mm.load_model_gpu(clip_vision.patcher)
+    size = getattr(clip_vision, "image_size", 224)
+    zeros = torch.zeros(1, 3, size, size, device=clip_vision.load_device)
+    return clip_vision.model(pixel_values=zeros, intermediate_output=-2)[1].to(mm.intermediate_device())
+
+
+# -- subject attention -----------------------------------------------------------------------------------
+def _row_batch(t: torch.Tensor, rows: int, what: str) -> torch.Tensor:
+    if t.shape[0] == rows:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(rows, *t.shape[1:])
+    raise ValueError(f"{what} has a batch of {t.shape[0]} but the latent batch is {rows}; give one, or one per latent")
+
+
+class SubjectPatch:
+    """Everything one ApplySubjectAttention attaches. Immutable (``__deepcopy__`` returns itself)."""
+
+    def __init__(self, kv: dict, kv_zero: dict, weight: float, sigma_range, region):
+        self.kv, self.kv_zero, self.weight = kv, kv_zero, weight
+        self.sigma_start, self.sigma_end = sigma_range
+        self.region = region                   # [M,1,H,W] CPU or None
+        self.key = f"consistent_inpaint_subject:{uuid.uuid4().hex}"
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def active(self, extra) -> bool:
+        if self.weight == 0:
+            return False
+        sigmas = extra.get("sigmas")
+        return sigmas is None or self.sigma_end <= float(sigmas.max()) <= self.sigma_start
+
+    def rows_kv(self, site, chunks, rows, device, dtype, run):
+        def build():
+            ks, vs = [], []
+            for c in chunks:
+                k, v = (self.kv if c == 0 else self.kv_zero)[site]
+                ks.append(_row_batch(k, rows, "subject_image"))
+                vs.append(_row_batch(v, rows, "subject_image"))
+            return torch.cat(ks).to(device, dtype), torch.cat(vs).to(device, dtype)
+        if run is None:
+            return build()
+        key = ("kv", site, tuple(chunks), rows, device, dtype)
+        if key not in run.moved:
+            run.moved[key] = build()
+        return run.moved[key]
+
+    def region_rows(self, tokens, shape, chunks, rows, device, dtype, run):
+        if self.region is None:
+            return None
+        h, w = largen.latent_grid(tokens, shape[-2], shape[-1])
+
+        def build():
+            m = F.interpolate(self.region, size=(h, w), mode="area")     # exact 0/1 on aligned edges
+            m = _row_batch(m.reshape(m.shape[0], h * w, 1), rows, "attn_mask")
+            return m.repeat(len(chunks), 1, 1).to(device, dtype)
+        if run is None:
+            return build()
+        key = ("region", h, w, tuple(chunks), rows, device, dtype)
+        if key not in run.moved:
+            run.moved[key] = build()
+        return run.moved[key]
+
+    def add_subject(self, text_out, q, site, extra):
+        if not self.active(extra):
+            return text_out
+        chunks = extra.get("cond_or_uncond") or [0]
+        if q.shape[0] % len(chunks):
+            raise RuntimeError(f"subject attention: {q.shape[0]} rows do not split into {len(chunks)} cond chunks")
+        rows = q.shape[0] // len(chunks)
+        run = run_state(self.key)
+        k, v = self.rows_kv(site, chunks, rows, q.device, q.dtype, run)
+        region = self.region_rows(q.shape[1], extra["original_shape"], chunks, rows, q.device, q.dtype, run)
+        precision = extra.get("attn_precision")
+
+        def attend(q_, k_, v_, heads):
+            return comfy_attention.optimized_attention(q_, k_, v_, heads, attn_precision=precision,
+                                                       transformer_options=extra)
+        return largen.decoupled_attention(text_out, q, k, v, extra["n_heads"], self.weight, attend, region)
+
+    def attach(self, model):
+        m = model.clone()
+        replaces = m.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
+        for site in self.kv:
+            previous = replaces.get(site, replaces.get(site[:2]))
+            m.set_model_attn2_replace(SiteAttention(self, site, previous), *site)
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key, run_scope(self.key, RunState))
+        return m
+
+
+class SiteAttention:
+    """The attn2 replace at one site: the text attention (ComfyUI's, or the replace found there before) plus the
+    subject term."""
+
+    def __init__(self, patch: SubjectPatch, site, previous):
+        self.patch, self.site, self.previous = patch, site, previous
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, q, k, v, extra_options):
+        if self.previous is not None:
+            text = self.previous(q, k, v, extra_options)
+        else:
+            text = comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"],
+                                                       attn_precision=extra_options.get("attn_precision"),
+                                                       transformer_options=extra_options)
+        return self.patch.add_subject(text, q, self.site, extra_options)
+
+
+def model_sites(model) -> dict:
+    """{site: (self-attention channels, cross-attention channels or None)} of a MODEL's UNet."""
+    unet = model.get_model_object("diffusion_model")
+    if not hasattr(unet, "input_blocks"):
+        raise ValueError("LAR-Gen works on SDXL UNet models; this MODEL has no UNet blocks")
+    return {s: (tb.attn1.to_q.out_features, None if tb.attn2 is None else tb.attn2.to_q.out_features)
+            for s, tb in transformer_sites(unet).items()}
+
+
+def _sigma_range(model, start_percent, end_percent):
+    sampling = model.get_model_object("model_sampling")
+    return float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent))
+
+
+def _check_percent(start_percent, end_percent):
+    if start_percent > end_percent:
+        return f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})"
+    return True
+
+
+# -- RefineNet ------------------------------------------------------------------------------------------
+class _RefineRun(RunState):
+    """Per sampling run: a noise generator (a fresh draw per step, as the authors' ``diffuse``) and the RefineNet
+    tokens of the current step."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.sigma, self.noise, self.entries = None, None, []
+
+    def step(self, sigma: float, shape):
+        if sigma != self.sigma:
+            self.sigma, self.entries = sigma, []
+            self.noise = torch.randn(shape, generator=self.generator)
+        return self.noise
+
+    def lookup(self, y):
+        return next((out for yy, out in self.entries if torch.equal(yy, y)), None)
+
+
+class RefinePatch:
+    def __init__(self, refinenet: RefineNetModel, latent, context, null_pooled, sigma_range, seed):
+        self.refinenet = refinenet
+        self.latent, self.context, self.null_pooled = latent, context, null_pooled   # CPU
+        self.sigma_start, self.sigma_end = sigma_range
+        self.seed = seed
+        self.key = f"consistent_inpaint_refinenet:{uuid.uuid4().hex}"
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def apply_model(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        sigma = float(t.max())
+        if not self.sigma_end <= sigma <= self.sigma_start:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        base = executor.class_obj
+        y = kwargs.get("y")
+        if y is None:
+            raise RuntimeError("the RefineNet needs an SDXL model (no size/pooled vector 'y' reached the model)")
+        run = run_state(self.key)
+        S = self.latent.shape[0]
+        y_ref = y[:1].clone()
+        y_ref[:, :self.null_pooled.shape[-1]] = self.null_pooled.to(y_ref)
+        if run is not None:
+            noise = run.step(sigma, self.latent.shape)
+            tokens = run.lookup(y_ref)
+        else:
+            noise = torch.randn(self.latent.shape, generator=torch.Generator().manual_seed(self.seed))
+            tokens = None
+        if tokens is None:
+            dt = base.manual_cast_dtype or base.get_dtype()
+            lat = moved(run, "latent", self.latent, x.device, torch.float32)
+            s = t[:1].to(torch.float32)
+            noisy = base.model_sampling.noise_scaling(s.reshape(1, 1, 1, 1), noise.to(x.device), lat)
+            xin = base.model_sampling.calculate_input(s, noisy)
+            timesteps = base.model_sampling.timestep(s).float().expand(S)
+            ctx = moved(run, "context", self.context, x.device, dt)
+            tokens = self.refinenet.net(xin.to(dt), timesteps, ctx, y_ref.expand(S, -1).to(x.device, dt),
+                                        transformer_options)
+            if run is not None:
+                run.entries.append((y_ref, tokens))
+        to = dict(transformer_options)
+        to[self.key] = tokens
+        return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
+
+    def attn1(self, n, context_attn1, value_attn1, extra):
+        tokens = extra.get(self.key)
+        block = extra.get("block")
+        if tokens is None or block is None or block[0] != "output":
+            return n, context_attn1, value_attn1
+        ref = tokens.get((block[0], block[1], extra.get("block_index", 0)))
+        if ref is None:
+            return n, context_attn1, value_attn1
+        chunks = extra.get("cond_or_uncond") or [0]
+        rows = n.shape[0] // len(chunks)
+        ref = _row_batch(ref, rows, "subject_image").repeat(len(chunks), 1, 1)
+        return largen.with_reference_tokens(n, context_attn1, value_attn1, ref)
+
+    def attach(self, model):
+        m = model.clone()
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, self.key, self.apply_model)
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key,
+                               run_scope(self.key, lambda: _RefineRun(self.seed)))
+        m.set_model_attn1_patch(self.attn1)
+        m.set_additional_models(self.key, [self.refinenet.patcher])
+        return m
+
+
+# -- nodes ------------------------------------------------------------------------------------------------
+class LARGenLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentInpaintLARGenLoader",
+            display_name="Load LAR-Gen",
+            category=CATEGORY,
+            description="Loads LAR-Gen's SDXL inpainting UNet (largen_ckpt_s22k.pth as released) and its subject "
+                        "adapter (the 70 to_k_ip/to_v_ip projections + the IP-Adapter-Plus resampler).",
+            inputs=[
+                io.Combo.Input("checkpoint", options=model_files("largen"),
+                               tooltip="largen_ckpt_s22k.pth (or a safetensors copy) in models/largen"),
+                io.Combo.Input("image_proj", options=[FROM_CHECKPOINT, *model_files("largen")],
+                               tooltip="ip-adapter-plus_sdxl_vit-h.bin (models/largen or models/ipadapter); "
+                                       "'from checkpoint' if the LAR-Gen file carries the resampler itself"),
+                io.Combo.Input("dtype", options=Precision, default=Precision.AUTO, optional=True,
+                               tooltip="auto: ComfyUI's usual UNet precision on this device"),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), SubjectAdapterType.Output(display_name="SUBJECT_ADAPTER")],
+        )
+
+    @classmethod
+    def execute(cls, checkpoint, image_proj, dtype=Precision.AUTO):
+        ip = None if image_proj == FROM_CHECKPOINT else model_path("largen", image_proj)
+        return io.NodeOutput(*load_largen(model_path("largen", checkpoint), ip, dtype))
+
+
+class ApplySubjectAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentInpaintApplySubjectAttention",
+            display_name="Apply LAR-Gen Subject Attention",
+            category=CATEGORY,
+            description="Adds LAR-Gen's decoupled subject attention: every cross-attention adds weight · "
+                        "Attn(q, K_subject, V_subject) to the text attention.",
+            inputs=[
+                io.Model.Input("model"),
+                SubjectAdapterType.Input("subject_adapter"),
+                io.ClipVision.Input("clip_vision", tooltip="CLIP ViT-H/14 (the image encoder of IP-Adapter-Plus SDXL)"),
+                io.Image.Input("subject_image", tooltip="The subject; RGBA alpha or subject_mask cuts it out "
+                                                        "(background becomes white, as in training)"),
+                io.Float.Input("weight", default=1.0, min=0.0, max=5.0, step=0.01,
+                               tooltip="β: 1.0 in the authors' code, 0.3 in the paper's text+subject setting"),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
+                io.Mask.Input("attn_mask", optional=True, tooltip="Confine the subject to this region (1 = subject)"),
+                io.Mask.Input("subject_mask", optional=True, tooltip="1 = subject, 0 = background (made white); resized to the "
+                                                                  "subject image if its size differs"),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, start_percent, end_percent, **kwargs):
+        return _check_percent(start_percent, end_percent)
+
+    @classmethod
+    @torch.no_grad()
+    def execute(cls, model, subject_adapter, clip_vision, subject_image, weight, start_percent, end_percent,
+                attn_mask=None, subject_mask=None):
+        sites = model_sites(model)
+        for site, ch in subject_adapter.channels.items():
+            if site not in sites or sites[site][1] != ch:
+                raise ValueError(f"the subject adapter does not fit this model: cross-attention {site} is "
+                                 f"{'absent' if site not in sites else f'{sites[site][1]} wide'}, the adapter's is "
+                                 f"{ch} wide. Connect the MODEL from Load LAR-Gen (or another SDXL model)")
+        square = subject_square(subject_image, subject_mask)
+        feats, _ = encode_subject(clip_vision, square)
+        zero = encode_zero_image(clip_vision)
+        if feats.shape[-1] != subject_adapter.embedding_dim:
+            raise ValueError(_clip_width_error(feats.shape[-1], subject_adapter.embedding_dim))
+        region = None
+        if attn_mask is not None:
+            region = mask_to_b1hw(attn_mask, "attn_mask")
+            if not (region > 0).any():
+                raise ValueError("attn_mask is empty, so the subject would act nowhere; leave it unconnected to "
+                                 "apply the subject everywhere")
+        mm.load_model_gpu(subject_adapter.patcher)
+        net = subject_adapter.patcher.model
+        dev = subject_adapter.patcher.load_device
+        out_dev = mm.intermediate_device()
+        kv, kv_zero = ({s: (k.to(out_dev), v.to(out_dev)) for s, (k, v) in
+                        net.project(net.resampler(f.to(dev, net.dtype))).items()} for f in (feats, zero))
+        check_finite(next(iter(kv.values()))[0], "subject tokens")
+        patch = SubjectPatch(kv, kv_zero, weight, _sigma_range(model, start_percent, end_percent), region)
+        return io.NodeOutput(patch.attach(model))
+
+
+class RefineNetLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentInpaintRefineNetLoader",
+            display_name="Load LAR-Gen RefineNet",
+            category=CATEGORY,
+            description="Loads LAR-Gen's RefineNet (ref_* weights + patch projector) from a LAR-Gen checkpoint or a "
+                        "RefineNet file. No public RefineNet weights are known.",
+            inputs=[
+                io.Combo.Input("checkpoint", options=model_files("largen")),
+                io.Combo.Input("dtype", options=Precision, default=Precision.AUTO, optional=True),
+            ],
+            outputs=[RefineNetType.Output(display_name="REFINENET")],
+        )
+
+    @classmethod
+    def execute(cls, checkpoint, dtype=Precision.AUTO):
+        return io.NodeOutput(load_refinenet(model_path("largen", checkpoint), dtype))
+
+
+class ApplyRefineNet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentInpaintApplyRefineNet",
+            display_name="Apply LAR-Gen RefineNet",
+            category=CATEGORY,
+            description="Lends the subject's details: the RefineNet runs on the noised subject latent once per step "
+                        "and every decoder self-attention of the model also attends to its tokens.",
+            inputs=[
+                io.Model.Input("model"),
+                RefineNetType.Input("refinenet"),
+                io.Vae.Input("vae"),
+                io.ClipVision.Input("clip_vision"),
+                io.Image.Input("subject_image"),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
+                io.Mask.Input("subject_mask", optional=True, tooltip="1 = subject, 0 = background (made white)"),
+                io.Int.Input("subject_resolution", default=1024, min=256, max=4096, step=64, optional=True,
+                             tooltip="Side of the square subject latent (the authors: the inpainting resolution)"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, optional=True,
+                             tooltip="Noise for the subject latent (a fresh draw each step)"),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="SDXL CLIP: the RefineNet's pooled text is that of an empty prompt. "
+                                      "Unconnected: zeros (SGM's dropped-text value)"),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, start_percent, end_percent, **kwargs):
+        return _check_percent(start_percent, end_percent)
+
+    @classmethod
+    @torch.no_grad()
+    def execute(cls, model, refinenet, vae, clip_vision, subject_image, start_percent, end_percent,
+                subject_mask=None, subject_resolution=1024, seed=0, clip=None):
+        net = refinenet.net
+        sites = model_sites(model)
+        for site in net.sites:
+            ours = transformer_sites(net)[site].attn1.to_q.out_features
+            if site not in sites or sites[site][0] != ours:
+                raise ValueError(f"the RefineNet does not fit this model: decoder self-attention {site} is "
+                                 f"{'absent' if site not in sites else f'{sites[site][0]} wide'} in the model, "
+                                 f"{ours} wide in the RefineNet")
+        missing = [s for s in sites if s[0] == "output" and s not in net.sites]
+        if missing:
+            raise ValueError(f"the RefineNet lacks the model's decoder self-attention sites {missing[:4]}")
+        square = subject_square(subject_image, subject_mask)
+        _, last = encode_subject(clip_vision, square)
+        width = net.projector.in_features
+        if last.shape[-1] != width:
+            raise ValueError(_clip_width_error(last.shape[-1], width))
+        pixels = F.interpolate(square, size=(subject_resolution, subject_resolution), mode="bicubic",
+                               antialias=True, align_corners=False).clamp(0, 1)
+        latent = model.get_model_object("latent_format").process_in(vae.encode(pixels.movedim(1, -1)).float())
+        mm.load_model_gpu(refinenet.patcher)
+        dev = refinenet.patcher.load_device
+        context = net.projector(last.to(dev, net.dtype)).to(mm.intermediate_device())
+        if clip is not None:
+            _, pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
+            if pooled is None or pooled.shape[-1] != SDXL_POOLED:
+                raise ValueError(f"clip must be SDXL's (pooled width {SDXL_POOLED}); got "
+                                 f"{None if pooled is None else pooled.shape[-1]}")
+            null = pooled[:1].float().cpu()
+        else:
+            null = torch.zeros(1, SDXL_POOLED)
+        patch = RefinePatch(refinenet, latent.cpu(), context, null, _sigma_range(model, start_percent, end_percent),
+                            seed)
+        return io.NodeOutput(patch.attach(model))
+
+
+class CropToMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentInpaintCropToMask",
+            display_name="Crop To Mask (zoom-in)",
+            category=CATEGORY,
+            description="LAR-Gen's zoom-in: a square around the mask's bounding box × context_factor, resized to the "
+                        "model resolution. Pair with Paste Back.",
+            inputs=[
+                io.Image.Input("image"),
+                io.Mask.Input("mask", tooltip="1 = area to inpaint"),
+                io.Float.Input("context_factor", default=1.3, min=1.0, max=8.0, step=0.05,
+                               tooltip="How much larger than the mask's bounding box the crop is (authors: 1.3)"),
+                io.Int.Input("resolution", default=1024, min=64, max=8192, step=8,
+                             tooltip="Side of the square crop given to the model"),
+                io.Combo.Input("padding", options=list(zoom.PADDING_MODES), default="edge", optional=True,
+                               tooltip="Where the image is narrower than the square: repeat the edge, or black "
+                                       "(the authors)"),
+            ],
+            outputs=[io.Image.Output(display_name="image"), io.Mask.Output(display_name="mask"),
+                     CropInfoType.Output(display_name="crop_info")],
+        )
+
+    @classmethod
+    def execute(cls, image, mask, context_factor, resolution, padding="edge"):
+        img, m = match_image_mask(image_to_bchw(image), mask_to_b1hw(mask))
+        crops, masks, info = zoom.crop_to_mask(img, m, context_factor, resolution, padding)
+        return io.NodeOutput(bchw_to_image(crops), masks[:, 0].cpu(), info)
+
+
+class PasteBack(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentInpaintPasteBack",
+            display_name="Paste Back",
+            category=CATEGORY,
+            description="Puts the inpainted crop back into the image, only inside the mask (feathered inwards): "
+                        "every pixel outside the mask keeps its exact value.",
+            inputs=[
+                io.Image.Input("image", tooltip="The image that went into Crop To Mask"),
+                io.Image.Input("inpainted", tooltip="The decoded result for the crops"),
+                CropInfoType.Input("crop_info"),
+                io.Int.Input("feather", default=8, min=0, max=256, step=1,
+                             tooltip="Pixels inside the mask's border over which the result fades in"),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE")],
+        )
+
+    @classmethod
+    def execute(cls, image, inpainted, crop_info, feather):
+        img = image_to_bchw(image)
+        if img.shape[0] == 1 and len(crop_info.boxes) > 1:
+            img = img.expand(len(crop_info.boxes), -1, -1, -1)
+        out = zoom.paste_back(img, image_to_bchw(inpainted, "inpainted"), crop_info, feather)
+        return io.NodeOutput(bchw_to_image(out))
+
+
+NODES = [LARGenLoader, ApplySubjectAttention, RefineNetLoader, ApplyRefineNet, CropToMask, PasteBack]
