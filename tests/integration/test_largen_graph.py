@@ -7,8 +7,6 @@ Counters wrap the attention patches on the final MODEL (test-only node ``CITestL
 model call, which sites the subject attention changed and how many RefineNet tokens each decoder self-attention
 received."""
 import json
-import sys
-from collections import defaultdict
 
 import pytest
 import torch
