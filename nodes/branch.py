@@ -36,8 +36,9 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequenti
 from ..models import branch_layouts, powerpaint_tasks
 from ..models.weights import build_from_state_dict, load_weights, tensor_dict
 from .branch_unet import BranchNet
-from .common import (Precision, RunState, check_finite, image_to_bchw, mask_to_b1hw, match_image_mask, model_files,
-                     model_path, moved, resolve_dtype, run_scope, run_state, wrap_patcher)
+from .common import (Precision, RunState, check_finite, check_percent_range, image_to_bchw, mask_to_b1hw,
+                     match_image_mask, model_files, model_path, moved, percent_inputs, resolve_dtype, run_scope,
+                     run_state, sigma_range, wrap_patcher)
 
 log = logging.getLogger(__name__)
 CATEGORY = "inpaint/consistent/branch"
@@ -364,8 +365,7 @@ class ApplyBranch(io.ComfyNode):
                 io.Conditioning.Input("negative"),
                 io.Float.Input("scale", default=1.0, min=0.0, max=10.0, step=0.01,
                                tooltip="Strength of the branch (PainterNet's preservation scale w)"),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
+                *percent_inputs("the branch"),
                 io.Conditioning.Input("branch_positive", optional=True,
                                       tooltip="PowerPaint: the task prompt for the branch (e.g. P_obj / P_ctxt "
                                               "embeddings); empty = the branch uses positive/negative like the UNet"),
@@ -377,9 +377,7 @@ class ApplyBranch(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, start_percent, end_percent, **kwargs):
-        if start_percent > end_percent:
-            return f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})"
-        return True
+        return check_percent_range(start_percent, end_percent)
 
     @classmethod
     @torch.no_grad()
@@ -403,8 +401,6 @@ class ApplyBranch(io.ComfyNode):
         mask_channel = F.interpolate(mask_channel, size=masked.shape[-2:], mode="nearest")
         cond = torch.cat([latent_format.process_in(masked.float()), mask_channel.to(masked.device)], dim=1).cpu()
         check_finite(cond, "encoded image")
-        sampling = model.get_model_object("model_sampling")
-        sigma_range = (float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent)))
         branch_context = None
         if branch_positive is not None or branch_negative is not None:
             if branch_positive is None or branch_negative is None:
@@ -420,7 +416,8 @@ class ApplyBranch(io.ComfyNode):
                 if len(c) > 1:
                     log.warning("%s has %d entries; the branch uses the first", name, len(c))
             branch_context = _common_length({0: branch_positive[0][0], 1: branch_negative[0][0]})
-        patch = BranchPatch(branch, cond, scale, sigma_range, latent_format.latent_channels, branch_context,
+        patch = BranchPatch(branch, cond, scale, sigma_range(model, start_percent, end_percent),
+                            latent_format.latent_channels, branch_context,
                             branch_layouts.injection_sites(spec))
         latent = {"samples": original.cpu(), "noise_mask": m.reshape(-1, 1, h8, w8)}
         return io.NodeOutput(patch.attach(model), positive, negative, latent)

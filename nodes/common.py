@@ -127,6 +127,28 @@ def run_scope(key: str, factory: Callable[[], RunState]):
     return outer_sample
 
 
+# -- the [start_percent, end_percent] range of a model patch -------------------------------------------------
+def percent_inputs(what: str = "the patch") -> list:
+    from comfy_api.latest import io
+    return [io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                           tooltip=f"Where in sampling {what} starts acting (0 = the first step)"),
+            io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                           tooltip=f"Where {what} stops acting (1 = the last step)")]
+
+
+def check_percent_range(start_percent: float, end_percent: float):
+    """For a node's validate_inputs: True, or the message."""
+    if start_percent > end_percent:
+        return f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})"
+    return True
+
+
+def sigma_range(model, start_percent: float, end_percent: float) -> tuple[float, float]:
+    """(sigma at start, sigma at end) of the model's sampling schedule: a step is inside when end <= sigma <= start."""
+    sampling = model.get_model_object("model_sampling")
+    return float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent))
+
+
 # -- tensor layout: the one place IMAGE [B,H,W,C] / MASK [B,H,W] become BCHW -----------------------------
 def image_to_bchw(image: torch.Tensor, name: str = "image") -> torch.Tensor:
     """IMAGE [B,H,W,C] -> [B,3,H,W] float32. RGBA drops alpha; grayscale is repeated to RGB."""

@@ -35,9 +35,9 @@ from comfy.ldm.modules import attention as comfy_attention
 from ..models import largen, zoom
 from ..models.weights import CheckpointFormatError, build_from_state_dict, load_weights, strip_prefix, tensor_dict
 from .branch_unet import RefineNet, set_transformer_norm_eps, transformer_sites
-from .common import (Precision, RunState, bchw_to_image, check_finite, comfy_build_kwargs, image_to_bchw,
-                     mask_to_b1hw, match_image_mask, model_files, model_path, moved, resolve_dtype, run_scope,
-                     run_state, wrap_patcher)
+from .common import (Precision, RunState, bchw_to_image, check_finite, check_percent_range, comfy_build_kwargs,
+                     image_to_bchw, mask_to_b1hw, match_image_mask, model_files, model_path, moved, percent_inputs,
+                     resolve_dtype, run_scope, run_state, sigma_range, wrap_patcher)
 
 log = logging.getLogger(__name__)
 CATEGORY = "inpaint/consistent/LAR-Gen"
@@ -344,17 +344,6 @@ def model_sites(model) -> dict:
             for s, tb in transformer_sites(unet).items()}
 
 
-def _sigma_range(model, start_percent, end_percent):
-    sampling = model.get_model_object("model_sampling")
-    return float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent))
-
-
-def _check_percent(start_percent, end_percent):
-    if start_percent > end_percent:
-        return f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})"
-    return True
-
-
 # -- RefineNet ------------------------------------------------------------------------------------------
 class _RefineRun(RunState):
     """Per sampling run: a noise generator (a fresh draw per step, as the authors' ``diffuse``) and the RefineNet
@@ -488,8 +477,7 @@ class ApplySubjectAttention(io.ComfyNode):
                                                         "(background becomes white, as in training)"),
                 io.Float.Input("weight", default=1.0, min=0.0, max=5.0, step=0.01,
                                tooltip="β: 1.0 in the authors' code, 0.3 in the paper's text+subject setting"),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
+                *percent_inputs("the subject"),
                 io.Mask.Input("attn_mask", optional=True, tooltip="Confine the subject to this region (1 = subject)"),
                 io.Mask.Input("subject_mask", optional=True, tooltip="1 = subject, 0 = background (made white); resized to the "
                                                                   "subject image if its size differs"),
@@ -499,7 +487,7 @@ class ApplySubjectAttention(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, start_percent, end_percent, **kwargs):
-        return _check_percent(start_percent, end_percent)
+        return check_percent_range(start_percent, end_percent)
 
     @classmethod
     @torch.no_grad()
@@ -529,7 +517,7 @@ class ApplySubjectAttention(io.ComfyNode):
         kv, kv_zero = ({s: (k.to(out_dev), v.to(out_dev)) for s, (k, v) in
                         net.project(net.resampler(f.to(dev, net.dtype))).items()} for f in (feats, zero))
         check_finite(next(iter(kv.values()))[0], "subject tokens")
-        patch = SubjectPatch(kv, kv_zero, weight, _sigma_range(model, start_percent, end_percent), region)
+        patch = SubjectPatch(kv, kv_zero, weight, sigma_range(model, start_percent, end_percent), region)
         return io.NodeOutput(patch.attach(model))
 
 
@@ -569,8 +557,7 @@ class ApplyRefineNet(io.ComfyNode):
                 io.Vae.Input("vae"),
                 io.ClipVision.Input("clip_vision"),
                 io.Image.Input("subject_image"),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
+                *percent_inputs("the RefineNet"),
                 io.Mask.Input("subject_mask", optional=True, tooltip="1 = subject, 0 = background (made white)"),
                 io.Int.Input("subject_resolution", default=1024, min=256, max=4096, step=64, optional=True,
                              tooltip="Side of the square subject latent (the authors: the inpainting resolution)"),
@@ -585,7 +572,7 @@ class ApplyRefineNet(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, start_percent, end_percent, **kwargs):
-        return _check_percent(start_percent, end_percent)
+        return check_percent_range(start_percent, end_percent)
 
     @classmethod
     @torch.no_grad()
@@ -621,7 +608,7 @@ class ApplyRefineNet(io.ComfyNode):
             null = pooled[:1].float().cpu()
         else:
             null = torch.zeros(1, SDXL_POOLED)
-        patch = RefinePatch(refinenet, latent.cpu(), context, null, _sigma_range(model, start_percent, end_percent),
+        patch = RefinePatch(refinenet, latent.cpu(), context, null, sigma_range(model, start_percent, end_percent),
                             seed)
         return io.NodeOutput(patch.attach(model))
 

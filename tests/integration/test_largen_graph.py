@@ -138,8 +138,8 @@ def vae_name(comfy_models):
 
 def _graph(g, vae_name, *, subject=True, refine=False, weight=1.0, start=0.0, end=1.0, steps=2, cfg=4.0, batch=1,
            subject_batch=1, attn_mask=None, counter=True, ckpt=CKPT, ip=IP, clip_width=CLIP_W, foreign=False,
-           refinenet=CKPT, subject_size=(48, 40), subject_node=None):
-    loader = g.node("ConsistentInpaintLARGenLoader", checkpoint=ckpt, image_proj=ip, dtype="float32")
+           refinenet=CKPT, subject_size=(48, 40), subject_node=None, dtype="float32"):
+    loader = g.node("ConsistentInpaintLARGenLoader", checkpoint=ckpt, image_proj=ip, dtype=dtype)
     cv = g.node("CITestClipVision", width=clip_width, seed=0)
     subj = subject_node or g.node("CITestNoiseImage", width=subject_size[0], height=subject_size[1],
                                   batch_size=subject_batch, seed=5).out(0)
@@ -153,7 +153,7 @@ def _graph(g, vae_name, *, subject=True, refine=False, weight=1.0, start=0.0, en
                        clip_vision=cv.out(0), subject_image=subj, weight=weight, start_percent=start,
                        end_percent=end, **kw).out(0)
     if refine:
-        rn = g.node("ConsistentInpaintRefineNetLoader", checkpoint=refinenet, dtype="float32")
+        rn = g.node("ConsistentInpaintRefineNetLoader", checkpoint=refinenet, dtype=dtype)
         model = g.node("ConsistentInpaintApplyRefineNet", model=model, refinenet=rn.out(0), vae=vae.out(0),
                        clip_vision=cv.out(0), subject_image=subj, start_percent=start, end_percent=end,
                        subject_resolution=64, seed=0).out(0)
@@ -386,3 +386,21 @@ def test_loaded_model_is_a_native_sdxl_inpaint_model(comfy, run_prompt, graph, l
     ck = torch.load(comfy.models_dir / "largen" / CKPT, weights_only=True)["model"]
     w = ck["model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k_ip.weight"]
     assert torch.equal(adapter.patcher.model.to_k_ip["middle_0_0"].weight, w)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_weights(comfy, run_prompt, graph, largen_files, clip_vision_node, counter, vae_name, dtype):
+    """The 16-bit paths (on the CPU ComfyUI computes in float32 from 16-bit weights; a GPU computes in 16 bit):
+    subject attention and RefineNet both act, the result is finite and near the float32 one (random weights and
+    CFG amplify the rounding, hence a relative bound)."""
+    counter.clear()
+    half = _graph(graph, vae_name, refine=True, dtype=dtype, steps=2)
+    full = _graph(graph, vae_name, refine=True, counter=False, steps=2)
+    r = run_prompt(graph)
+    a, b = (r.output(n["sampler"].id, 0)["samples"] for n in (half, full))
+    assert torch.isfinite(a).all()
+    assert any(e["kind"] == "subject" and e["diff"].max() > 0 for e in counter)
+    assert any(e["kind"] == "refine" and e["added"] > 0 for e in counter)
+    assert len([e for e in counter if e["kind"] == "refinenet"]) == 2
+    rel = float((a - b).norm() / b.norm())
+    assert 0 < rel < 0.05, rel           # 16-bit weights really used, and the result stays that of float32
