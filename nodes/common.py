@@ -97,13 +97,7 @@ _RUN_SCOPE: contextvars.ContextVar = contextvars.ContextVar("consistent_inpaint_
 
 class RunState:
     def __init__(self):
-        self.moved = {}                       # (name, device, dtype) -> tensor
-
-    def to(self, name, t: torch.Tensor, device, dtype) -> torch.Tensor:
-        key = (name, device, dtype)
-        if key not in self.moved:
-            self.moved[key] = t.to(device, dtype)
-        return self.moved[key]
+        self.values = {}                      # anything derived once per run, by key
 
 
 def run_state(key: str):
@@ -111,9 +105,18 @@ def run_state(key: str):
     return (_RUN_SCOPE.get() or {}).get(key)
 
 
+def once_per_run(run: Optional[RunState], key, build: Callable):
+    """``build()``, computed once per sampling run and kept under ``key`` (every call outside one)."""
+    if run is None:
+        return build()
+    if key not in run.values:
+        run.values[key] = build()
+    return run.values[key]
+
+
 def moved(run: Optional[RunState], name, t: torch.Tensor, device, dtype) -> torch.Tensor:
     """``t`` on the sampling device: once per run (every call outside one)."""
-    return t.to(device, dtype) if run is None else run.to(name, t, device, dtype)
+    return once_per_run(run, ("moved", name, device, dtype), lambda: t.to(device, dtype))
 
 
 def run_scope(key: str, factory: Callable[[], RunState]):

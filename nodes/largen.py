@@ -36,8 +36,8 @@ from ..models import largen, zoom
 from ..models.weights import CheckpointFormatError, build_from_state_dict, load_weights, strip_prefix, tensor_dict
 from .branch_unet import RefineNet, set_transformer_norm_eps, transformer_sites
 from .common import (Precision, RunState, bchw_to_image, check_finite, check_percent_range, comfy_build_kwargs,
-                     image_to_bchw, mask_to_b1hw, match_image_mask, model_files, model_path, moved, percent_inputs,
-                     resolve_dtype, run_scope, run_state, sigma_range, wrap_patcher)
+                     image_to_bchw, mask_to_b1hw, match_image_mask, model_files, model_path, moved, once_per_run,
+                     percent_inputs, resolve_dtype, run_scope, run_state, sigma_range, wrap_patcher)
 
 log = logging.getLogger(__name__)
 CATEGORY = "inpaint/consistent/LAR-Gen"
@@ -120,7 +120,6 @@ class SubjectAdapter:
     patcher: object                 # ModelPatcher of a SubjectAdapterNet
     channels: dict                  # site -> channels
     embedding_dim: int              # CLIP vision width the resampler reads
-    source: str
 
 
 def load_largen(path: str, image_proj_path: str | None, dtype_choice: str):
@@ -153,7 +152,7 @@ def load_largen(path: str, image_proj_path: str | None, dtype_choice: str):
     net = build_from_state_dict(lambda device: SubjectAdapterNet(rcfg, channels, ctx, dtype=dtype, device=device, **kw),
                                 sd, rsrc, "the LAR-Gen subject adapter (IP-Adapter-Plus resampler + to_k_ip/to_v_ip)",
                                 dtype)
-    return model, SubjectAdapter(wrap_patcher(net, device, offload), channels, rcfg.embedding_dim, rsrc)
+    return model, SubjectAdapter(wrap_patcher(net, device, offload), channels, rcfg.embedding_dim)
 
 
 @dataclass(frozen=True)
@@ -239,6 +238,12 @@ def _row_batch(t: torch.Tensor, rows: int, what: str) -> torch.Tensor:
     raise ValueError(f"{what} has a batch of {t.shape[0]} but the latent batch is {rows}; give one, or one per latent")
 
 
+def _attention(q, k, v, heads, extra):
+    """ComfyUI's attention as its CrossAttention calls it (the user's backend, precision and overrides)."""
+    return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=extra.get("attn_precision"),
+                                               transformer_options=extra)
+
+
 class SubjectPatch:
     """Everything one ApplySubjectAttention attaches. Immutable (``__deepcopy__`` returns itself)."""
 
@@ -251,26 +256,25 @@ class SubjectPatch:
     def __deepcopy__(self, memo):
         return self
 
-    def active(self, extra) -> bool:
+    def active(self, transformer_options) -> bool:
         if self.weight == 0:
             return False
-        sigmas = extra.get("sigmas")
+        sigmas = transformer_options.get("sigmas")
         return sigmas is None or self.sigma_end <= float(sigmas.max()) <= self.sigma_start
+
+    def wrapper(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        """Once per model call (not in each of the 70 attention calls, where reading sigma would stall the GPU):
+        whether the subject acts in this call."""
+        if self.active(transformer_options):
+            transformer_options = {**transformer_options, self.key: True}
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
     def rows_kv(self, site, chunks, rows, device, dtype, run):
         def build():
-            ks, vs = [], []
-            for c in chunks:
-                k, v = (self.kv if c == 0 else self.kv_zero)[site]
-                ks.append(_row_batch(k, rows, "subject_image"))
-                vs.append(_row_batch(v, rows, "subject_image"))
+            ks, vs = zip(*((_row_batch(t, rows, "subject_image") for t in (self.kv if c == 0 else self.kv_zero)[site])
+                           for c in chunks))
             return torch.cat(ks).to(device, dtype), torch.cat(vs).to(device, dtype)
-        if run is None:
-            return build()
-        key = ("kv", site, tuple(chunks), rows, device, dtype)
-        if key not in run.moved:
-            run.moved[key] = build()
-        return run.moved[key]
+        return once_per_run(run, ("kv", site, tuple(chunks), rows, device, dtype), build)
 
     def region_rows(self, tokens, shape, chunks, rows, device, dtype, run):
         if self.region is None:
@@ -281,15 +285,10 @@ class SubjectPatch:
             m = F.interpolate(self.region, size=(h, w), mode="area")     # exact 0/1 on aligned edges
             m = _row_batch(m.reshape(m.shape[0], h * w, 1), rows, "attn_mask")
             return m.repeat(len(chunks), 1, 1).to(device, dtype)
-        if run is None:
-            return build()
-        key = ("region", h, w, tuple(chunks), rows, device, dtype)
-        if key not in run.moved:
-            run.moved[key] = build()
-        return run.moved[key]
+        return once_per_run(run, ("region", h, w, tuple(chunks), rows, device, dtype), build)
 
     def add_subject(self, text_out, q, site, extra):
-        if not self.active(extra):
+        if not extra.get(self.key):
             return text_out
         chunks = extra.get("cond_or_uncond") or [0]
         if q.shape[0] % len(chunks):
@@ -298,12 +297,8 @@ class SubjectPatch:
         run = run_state(self.key)
         k, v = self.rows_kv(site, chunks, rows, q.device, q.dtype, run)
         region = self.region_rows(q.shape[1], extra["original_shape"], chunks, rows, q.device, q.dtype, run)
-        precision = extra.get("attn_precision")
-
-        def attend(q_, k_, v_, heads):
-            return comfy_attention.optimized_attention(q_, k_, v_, heads, attn_precision=precision,
-                                                       transformer_options=extra)
-        return largen.decoupled_attention(text_out, q, k, v, extra["n_heads"], self.weight, attend, region)
+        return largen.decoupled_attention(text_out, q, k, v, extra["n_heads"], self.weight,
+                                          lambda q_, k_, v_, heads: _attention(q_, k_, v_, heads, extra), region)
 
     def attach(self, model):
         m = model.clone()
@@ -311,6 +306,7 @@ class SubjectPatch:
         for site in self.kv:
             previous = replaces.get(site, replaces.get(site[:2]))
             m.set_model_attn2_replace(SiteAttention(self, site, previous), *site)
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, self.key, self.wrapper)
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key, run_scope(self.key, RunState))
         return m
 
@@ -329,9 +325,7 @@ class SiteAttention:
         if self.previous is not None:
             text = self.previous(q, k, v, extra_options)
         else:
-            text = comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"],
-                                                       attn_precision=extra_options.get("attn_precision"),
-                                                       transformer_options=extra_options)
+            text = _attention(q, k, v, extra_options["n_heads"], extra_options)
         return self.patch.add_subject(text, q, self.site, extra_options)
 
 
@@ -579,9 +573,9 @@ class ApplyRefineNet(io.ComfyNode):
     def execute(cls, model, refinenet, vae, clip_vision, subject_image, start_percent, end_percent,
                 subject_mask=None, subject_resolution=1024, seed=0, clip=None):
         net = refinenet.net
-        sites = model_sites(model)
+        sites, own = model_sites(model), transformer_sites(net)
         for site in net.sites:
-            ours = transformer_sites(net)[site].attn1.to_q.out_features
+            ours = own[site].attn1.to_q.out_features
             if site not in sites or sites[site][0] != ours:
                 raise ValueError(f"the RefineNet does not fit this model: decoder self-attention {site} is "
                                  f"{'absent' if site not in sites else f'{sites[site][0]} wide'} in the model, "
