@@ -12,6 +12,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
 import folder_paths
+from comfy.ldm.modules import attention as comfy_attention
 from comfy.ldm.modules.attention import optimized_attention_for_device
 
 from ..models.weights import WEIGHT_EXTENSIONS
@@ -21,6 +22,7 @@ MODEL_FOLDERS = {
     "asuka": "ASUKA: mae_300.pth, asuka_alignment_*.pt, txt_256.pt, vec.pt, asuka_decoder.ckpt",
     "inpaint_branch": "PainterNet (ours), BrushNet SD1.5/SDXL and PowerPaint-v2 diffusion_pytorch_model.safetensors",
     "largen": "LAR-Gen: largen_ckpt_s22k.pth, ip-adapter-plus_sdxl_vit-h.bin, RefineNet files",
+    "patch_adapter": "Patch-Adapter: Dual Context / Reference Patch Adapter files in our safetensors format",
 }
 # More default directories a folder also lists (ComfyUI/models/<name>): LAR-Gen's resampler is IP-Adapter-Plus's
 # file, which users of IPAdapter nodes keep in models/ipadapter already.
@@ -100,6 +102,22 @@ class RunState:
         self.values = {}                      # anything derived once per run, by key
 
 
+class StepNoise(RunState):
+    """Run state with a seeded generator and one noise draw per sampling step (shared by every model call of the
+    step: cond/uncond split into several calls see the same noise)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.sigma, self.noise = None, None
+
+    def step(self, sigma: float, shape) -> torch.Tensor:
+        if sigma != self.sigma or self.noise is None or tuple(self.noise.shape) != tuple(shape):
+            self.sigma = sigma
+            self.noise = torch.randn(shape, generator=self.generator)
+        return self.noise
+
+
 def run_state(key: str):
     """The state of patch ``key`` for the sampling run in progress, or None outside one."""
     return (_RUN_SCOPE.get() or {}).get(key)
@@ -128,6 +146,28 @@ def run_scope(key: str, factory: Callable[[], RunState]):
         finally:
             _RUN_SCOPE.reset(token)
     return outer_sample
+
+
+# -- inside attention patches ----------------------------------------------------------------------------
+def attention(q, k, v, heads, extra):
+    """ComfyUI's attention as its CrossAttention calls it (the user's backend, precision and overrides)."""
+    return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=extra.get("attn_precision"),
+                                               transformer_options=extra)
+
+
+def site_of(extra) -> tuple | None:
+    """(block kind, block id, transformer index) of the attention call ``extra`` (transformer options) belongs to."""
+    block = extra.get("block")
+    return None if block is None else (block[0], block[1], extra.get("block_index", 0))
+
+
+def row_batch(t: torch.Tensor, rows: int, what: str) -> torch.Tensor:
+    """``t`` with ``rows`` rows: as is, or one row broadcast; anything else is the user's batch mismatch."""
+    if t.shape[0] == rows:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(rows, *t.shape[1:])
+    raise ValueError(f"{what} has a batch of {t.shape[0]} but the latent batch is {rows}; give one, or one per latent")
 
 
 # -- the [start_percent, end_percent] range of a model patch -------------------------------------------------

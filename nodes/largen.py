@@ -30,14 +30,14 @@ from torch import nn
 
 import comfy.model_management as mm
 import comfy.patcher_extension
-from comfy.ldm.modules import attention as comfy_attention
 
 from ..models import largen, zoom
 from ..models.weights import CheckpointFormatError, build_from_state_dict, load_weights, strip_prefix, tensor_dict
 from .branch_unet import RefineNet, set_transformer_norm_eps, transformer_sites
-from .common import (Precision, RunState, bchw_to_image, check_finite, check_percent_range, comfy_build_kwargs,
+from .common import (Precision, RunState, StepNoise, attention, bchw_to_image, check_finite, check_percent_range,
+                     comfy_build_kwargs,
                      image_to_bchw, mask_to_b1hw, match_image_mask, model_files, model_path, moved, once_per_run,
-                     percent_inputs, resolve_dtype, run_scope, run_state, sigma_range, wrap_patcher)
+                     percent_inputs, resolve_dtype, row_batch, run_scope, run_state, sigma_range, wrap_patcher)
 
 log = logging.getLogger(__name__)
 CATEGORY = "inpaint/consistent/LAR-Gen"
@@ -230,20 +230,6 @@ def encode_zero_image(clip_vision) -> torch.Tensor:
 
 
 # -- subject attention -----------------------------------------------------------------------------------
-def _row_batch(t: torch.Tensor, rows: int, what: str) -> torch.Tensor:
-    if t.shape[0] == rows:
-        return t
-    if t.shape[0] == 1:
-        return t.expand(rows, *t.shape[1:])
-    raise ValueError(f"{what} has a batch of {t.shape[0]} but the latent batch is {rows}; give one, or one per latent")
-
-
-def _attention(q, k, v, heads, extra):
-    """ComfyUI's attention as its CrossAttention calls it (the user's backend, precision and overrides)."""
-    return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=extra.get("attn_precision"),
-                                               transformer_options=extra)
-
-
 class SubjectPatch:
     """Everything one ApplySubjectAttention attaches. Immutable (``__deepcopy__`` returns itself)."""
 
@@ -271,7 +257,7 @@ class SubjectPatch:
 
     def rows_kv(self, site, chunks, rows, device, dtype, run):
         def build():
-            ks, vs = zip(*((_row_batch(t, rows, "subject_image") for t in (self.kv if c == 0 else self.kv_zero)[site])
+            ks, vs = zip(*((row_batch(t, rows, "subject_image") for t in (self.kv if c == 0 else self.kv_zero)[site])
                            for c in chunks))
             return torch.cat(ks).to(device, dtype), torch.cat(vs).to(device, dtype)
         return once_per_run(run, ("kv", site, tuple(chunks), rows, device, dtype), build)
@@ -283,7 +269,7 @@ class SubjectPatch:
 
         def build():
             m = F.interpolate(self.region, size=(h, w), mode="area")     # exact 0/1 on aligned edges
-            m = _row_batch(m.reshape(m.shape[0], h * w, 1), rows, "attn_mask")
+            m = row_batch(m.reshape(m.shape[0], h * w, 1), rows, "attn_mask")
             return m.repeat(len(chunks), 1, 1).to(device, dtype)
         return once_per_run(run, ("region", h, w, tuple(chunks), rows, device, dtype), build)
 
@@ -298,7 +284,7 @@ class SubjectPatch:
         k, v = self.rows_kv(site, chunks, rows, q.device, q.dtype, run)
         region = self.region_rows(q.shape[1], extra["original_shape"], chunks, rows, q.device, q.dtype, run)
         return largen.decoupled_attention(text_out, q, k, v, extra["n_heads"], self.weight,
-                                          lambda q_, k_, v_, heads: _attention(q_, k_, v_, heads, extra), region)
+                                          lambda q_, k_, v_, heads: attention(q_, k_, v_, heads, extra), region)
 
     def attach(self, model):
         m = model.clone()
@@ -325,7 +311,7 @@ class SiteAttention:
         if self.previous is not None:
             text = self.previous(q, k, v, extra_options)
         else:
-            text = _attention(q, k, v, extra_options["n_heads"], extra_options)
+            text = attention(q, k, v, extra_options["n_heads"], extra_options)
         return self.patch.add_subject(text, q, self.site, extra_options)
 
 
@@ -339,20 +325,18 @@ def model_sites(model) -> dict:
 
 
 # -- RefineNet ------------------------------------------------------------------------------------------
-class _RefineRun(RunState):
-    """Per sampling run: a noise generator (a fresh draw per step, as the authors' ``diffuse``) and the RefineNet
-    tokens of the current step."""
+class _RefineRun(StepNoise):
+    """Per sampling run: a fresh noise draw per step (as the authors' ``diffuse``) and the RefineNet tokens of the
+    current step."""
 
     def __init__(self, seed):
-        super().__init__()
-        self.generator = torch.Generator().manual_seed(seed)
-        self.sigma, self.noise, self.entries = None, None, []
+        super().__init__(seed)
+        self.entries = []
 
     def step(self, sigma: float, shape):
         if sigma != self.sigma:
-            self.sigma, self.entries = sigma, []
-            self.noise = torch.randn(shape, generator=self.generator)
-        return self.noise
+            self.entries = []
+        return super().step(sigma, shape)
 
     def lookup(self, y):
         return next((out for yy, out in self.entries if torch.equal(yy, y)), None)
@@ -413,7 +397,7 @@ class RefinePatch:
             return n, context_attn1, value_attn1
         chunks = extra.get("cond_or_uncond") or [0]
         rows = n.shape[0] // len(chunks)
-        ref = _row_batch(ref, rows, "subject_image").repeat(len(chunks), 1, 1)
+        ref = row_batch(ref, rows, "subject_image").repeat(len(chunks), 1, 1)
         return largen.with_reference_tokens(n, context_attn1, value_attn1, ref)
 
     def attach(self, model):

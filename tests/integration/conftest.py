@@ -676,24 +676,28 @@ class ModelFactory:
     # -- components ---------------------------------------------------------------------
 
     @staticmethod
-    def sd15_unet_config(levels=1, in_channels=9):
+    def sd15_unet_config(levels=1, in_channels=9, skip_top_attention=False):
         """UNetModel kwargs ComfyUI detects as SD1.5 (model_channels 320, context_dim 768).
 
         levels=1: channel_mult [1]; levels=2: [1, 2] (one downsample). One res block and one
-        transformer per level, a middle block with one transformer.
+        transformer per level, a middle block with one transformer. skip_top_attention: no transformer at the
+        first level (as SDXL), so large latents stay cheap on the CPU.
         """
         channel_mult = [1, 2, 4, 4][:levels]
         nrb = [1] * levels
+        depth = [0 if skip_top_attention and i == 0 else 1 for i in range(levels)]
         return dict(image_size=32, in_channels=in_channels, model_channels=320, out_channels=4,
                     num_res_blocks=nrb, channel_mult=channel_mult, num_heads=8, num_head_channels=-1,
-                    use_spatial_transformer=True, transformer_depth=[1] * sum(nrb),
-                    transformer_depth_output=[1] * sum(n + 1 for n in nrb), transformer_depth_middle=1,
+                    use_spatial_transformer=True, transformer_depth=[depth[i] for i in range(levels)
+                                                                    for _ in range(nrb[i])],
+                    transformer_depth_output=[depth[i] for i in reversed(range(levels)) for _ in range(nrb[i] + 1)],
+                    transformer_depth_middle=1,
                     context_dim=768, use_linear_in_transformer=False, legacy=False, adm_in_channels=None)
 
-    def _sd15_unet_shapes(self, levels, in_channels):
+    def _sd15_unet_shapes(self, levels, in_channels, skip_top_attention=False):
         import comfy.ops
         from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-        m = UNetModel(**self.sd15_unet_config(levels, in_channels), device="meta",
+        m = UNetModel(**self.sd15_unet_config(levels, in_channels, skip_top_attention), device="meta",
                       operations=comfy.ops.disable_weight_init)
         return _meta_shapes(m)
 
@@ -733,19 +737,22 @@ class ModelFactory:
 
     # -- public ---------------------------------------------------------------------------
 
-    def sd15_inpaint_checkpoint(self, levels=1) -> str:
+    def sd15_inpaint_checkpoint(self, levels=1, skip_top_attention=False) -> str:
         """SD1.5-inpainting all-in-one checkpoint (checkpoints folder), for CheckpointLoaderSimple:
         shallow 9-channel UNet + full-size CLIP-L + full-size SD VAE, fp16, random weights."""
         import torch
         spec = {"kind": "sd15_inpaint", "levels": levels}
+        if skip_top_attention:
+            spec["skip_top_attention"] = True
 
         def build():
-            sd = _random_state_dict(self._sd15_unet_shapes(levels, 9), torch.float16, 1, "model.diffusion_model.")
+            sd = _random_state_dict(self._sd15_unet_shapes(levels, 9, skip_top_attention), torch.float16, 1,
+                                    "model.diffusion_model.")
             sd.update(_random_state_dict(self._clip_l_shapes(), torch.float16, 2, "cond_stage_model.transformer."))
             sd.update(_random_state_dict(self._kl_vae_shapes(4, True), torch.float16, 3, "first_stage_model."))
             return sd
 
-        name = f"ci-sd15-inpaint-{levels}level.safetensors"
+        name = f"ci-sd15-inpaint-{levels}level{'-noattn1' if skip_top_attention else ''}.safetensors"
         return self.install("checkpoints", self._cached(name, spec, build), name)
 
     def sd15_vae(self) -> str:
@@ -755,6 +762,25 @@ class ModelFactory:
         name = "ci-sd15-vae.safetensors"
         path = self._cached(name, spec, lambda: _random_state_dict(self._kl_vae_shapes(4, True), torch.float16, 3))
         return self.install("vae", path, name)
+
+    def taesd_vae(self) -> str:
+        """A VAE of ComfyUI's TAESD architecture (``taesd_encoder.*`` / ``taesd_decoder.*``, 4 latent channels, factor
+        8), random weights, in the vae folder: VAELoader reads it as a normal VAE file. Encodes/decodes a 512² patch
+        in well under a second on the CPU, so tests can work at 2048² and beyond."""
+        import torch
+        from comfy.taesd.taesd import TAESD
+        spec = {"kind": "taesd_vae"}
+
+        def build():
+            with torch.device("meta"):
+                m = TAESD(latent_channels=4)
+            shapes = {k: v for k, v in _meta_shapes(m).items() if k not in ("vae_scale", "vae_shift")}
+            sd = _random_state_dict(shapes, torch.float16, 11)
+            sd["vae_scale"], sd["vae_shift"] = torch.tensor(1.0), torch.tensor(0.0)
+            return sd
+
+        name = "ci-taesd-vae.safetensors"
+        return self.install("vae", self._cached(name, spec, build), name)
 
     def sd15_controlnet(self, levels=1) -> str:
         """SD1.5 ControlNet (controlnet folder) in the original ``control_model.*`` layout for the shallow UNet

@@ -78,11 +78,29 @@ def test_workflow_matches_the_served_node_definitions(comfy, path):
         assert declared.get(slot["name"]) in (ltype, "*"), f"{path.name} link {link_id}: input {slot['name']}"
 
 
+BYPASS = 4          # LiteGraph node mode: the frontend leaves the node out and routes its inputs through
+
+
 def _to_api(wf, mapping):
-    """The API prompt the frontend queues for a UI workflow (widget values by name, links as [node, slot])."""
+    """The API prompt the frontend queues for a UI workflow (widget values by name, links as [node, slot]).
+    A bypassed node is left out; a link from one of its outputs goes to its first linked input of the same type."""
     prompt = {}
     links = {l[0]: l for l in wf["links"]}
+    nodes = {n["id"]: n for n in wf["nodes"]}
+
+    def source(link):
+        _, src, slot, _, _, ltype = link
+        n = nodes[src]
+        if n.get("mode") != BYPASS:
+            return [str(src), slot]
+        for inp in n.get("inputs", []):
+            if inp.get("link") is not None and inp["type"] == ltype:
+                return source(links[inp["link"]])
+        return None
+
     for n in wf["nodes"]:
+        if n.get("mode") == BYPASS:
+            continue
         cls = mapping[n["type"]]
         inputs = {}
         for (name, kind, _opts, extra), v in zip(_widgets(cls), n.get("widgets_values") or []):
@@ -90,8 +108,9 @@ def _to_api(wf, mapping):
                 inputs[name] = v
         for slot in n.get("inputs", []):
             if slot.get("link") is not None:
-                l = links[slot["link"]]
-                inputs[slot["name"]] = [str(l[1]), l[2]]
+                src = source(links[slot["link"]])
+                if src is not None:
+                    inputs[slot["name"]] = src
         prompt[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
     return prompt
 
@@ -100,7 +119,7 @@ FILE_INPUTS = {"unet_name": "diffusion_models", "vae_name": "vae", "clip_name1":
                "clip_name2": "text_encoders", "ckpt_name": "checkpoints", "mae": "asuka", "alignment": "asuka",
                "alignment_pooled": "asuka", "null_tokens": "asuka", "null_pooled": "asuka", "decoder": "asuka",
                "branch": "inpaint_branch", "task_embeddings": "inpaint_branch", "checkpoint": "largen",
-               "image_proj": "largen", "clip_name": "clip_vision"}
+               "image_proj": "largen", "clip_name": "clip_vision", "adapter": "patch_adapter"}
 
 
 def _install_placeholders(comfy, prompt):

@@ -1,0 +1,351 @@
+"""Patch-Adapter on tensors: the adapter file format, the two attention equations, and the patch arithmetic of
+the full-resolution stage (planning, reference sampling, feathered blending).
+
+Stage 1, Dual Context Adapter (DCA), in each adapted cross-attention layer with input ``z``, query ``Q = z W_Q``
+and the layer's text keys/values ``K, V`` (hole ``M`` = 1)::
+
+    Q'  = [z ⊙ (1 − M)] W_q          # queries from the known region only
+    Z'  = Attn(Q', K, V)             # the known region read against the prompt
+    Z'' = Attn(Q, Z' W_k, Z' W_v)    # every position reads that context
+    out = Z + strength · Z''         # before the layer's to_out, as IP-Adapter-style adapters add
+
+Stage 2, Reference Patch Adapter (RPA): a full-resolution patch's self-attention reads the tokens ``R`` of the
+matching region of the stage-1 result at the same layer. With trained weights::
+
+    out = Z + tanh(g) · Attn(Q, R W_k, R W_v)
+
+and without them the patch's keys/values are extended with ``R`` through the layer's own projections
+(``Attn(Q, [z; R] W_K, [z; R] W_V)``), so the stage works with no trained weights.
+
+No code or weights were released; the paper gives the equations above and nothing about patch placement or
+blending. Our choices (written down in the README too): a latent-aligned grid with at least ``overlap`` pixels
+between neighbours, only patches meeting the mask dilated by ``overlap``; the hole initialised from the reference
+resized to full resolution (bicubic); patch results blended with weights that ramp linearly over the overlap on
+every side that has a neighbour and are normalised to sum to one; pixels outside the mask returned unchanged.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .layers import AttentionFn, sdpa_attention
+from .weights import CheckpointFormatError
+
+# (ComfyUI block kind, block id, transformer index): transformer_options["block"] + "block_index"
+Site = tuple[str, int, int]
+
+FORMAT = "consistent_inpaint.patch_adapter"
+FORMAT_VERSION = "1"
+BASES = ("sd15", "sdxl")
+_KEY_RE = re.compile(r"^(dca|rpa)\.(input|middle|output)\.(\d+)\.(\d+)\.(to_q\.weight|to_k\.weight|to_v\.weight|gate)$")
+DCA_PARTS = ("to_q", "to_k", "to_v")
+RPA_PARTS = ("to_k", "to_v", "gate")
+_STAGE_PARTS = {"dca": {"to_q.weight", "to_k.weight", "to_v.weight"}, "rpa": {"to_k.weight", "to_v.weight", "gate"}}
+
+
+def site_key(site: Site) -> str:
+    """The spelling of a site inside the file: ``input.4.0`` (block kind, block id, transformer index)."""
+    return ".".join(str(s) for s in site)
+
+
+def _listing(names, limit=5) -> str:
+    names = list(names)
+    return ", ".join(str(n) for n in names[:limit]) + (f" … ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+# -- the file format ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AdapterWeights:
+    """A Patch-Adapter file, split by stage. Shapes: DCA ``to_q`` [D, C], ``to_k``/``to_v`` [D, D]; RPA
+    ``to_k``/``to_v`` [D, C], ``gate`` [1]; C = the layer's channels, D = its attention width."""
+    dca: dict = field(default_factory=dict)       # site -> {"to_q", "to_k", "to_v"}
+    rpa: dict = field(default_factory=dict)       # site -> {"to_k", "to_v", "gate"}
+    base: Optional[str] = None                    # "sd15" / "sdxl" when the file says
+
+    def widths(self, stage: str) -> dict:
+        """{site: (channels C, attention width D)} of one stage ("dca" / "rpa")."""
+        part = "to_q" if stage == "dca" else "to_k"
+        return {s: (w[part].shape[1], w[part].shape[0]) for s, w in getattr(self, stage).items()}
+
+
+def parse_patch_adapter(sd: Mapping[str, torch.Tensor], path: str,
+                        metadata: Optional[Mapping[str, str]] = None) -> AdapterWeights:
+    """Split a state dict written in our format (``docs/patch_adapter_format.md``) into its stages; every error
+    names the file, the offending key and what was expected."""
+    name = os.path.basename(str(path))
+    meta = dict(metadata or {})
+    if meta.get("format") not in (None, FORMAT):
+        raise CheckpointFormatError(f"{name} says it is {meta.get('format')!r}; expected a {FORMAT} file")
+    base = meta.get("base")
+    if base is not None and base not in BASES:
+        raise CheckpointFormatError(f"{name}: metadata base {base!r} is not one of {', '.join(BASES)}")
+    groups = {"dca": {}, "rpa": {}}
+    unknown = []
+    for key, t in sd.items():
+        m = _KEY_RE.match(key)
+        if m is None or m.group(5) not in _STAGE_PARTS[m.group(1)]:
+            unknown.append(key)
+            continue
+        stage, kind, block, index, part = m.groups()
+        site = (kind, int(block), int(index))
+        groups[stage].setdefault(site, {})[part.split(".")[0]] = t
+    if unknown:
+        raise CheckpointFormatError(
+            f"{name} is not a Patch-Adapter file: {len(unknown)} tensors are not named dca.<site>.to_q/to_k/to_v.weight "
+            f"or rpa.<site>.to_k/to_v.weight/gate ({_listing(sorted(unknown))}). See docs/patch_adapter_format.md")
+    if not groups["dca"] and not groups["rpa"]:
+        raise CheckpointFormatError(f"{name} holds no Patch-Adapter tensors (no dca.* or rpa.* keys)")
+    for stage, parts in (("dca", DCA_PARTS), ("rpa", RPA_PARTS)):
+        for site, w in groups[stage].items():
+            missing = [p for p in parts if p not in w]
+            if missing:
+                raise CheckpointFormatError(f"{name}: {stage}.{site_key(site)} lacks {', '.join(missing)}")
+            _check_shapes(name, stage, site, w)
+    return AdapterWeights(dca=groups["dca"], rpa=groups["rpa"], base=base)
+
+
+def _check_shapes(name: str, stage: str, site: Site, w: dict) -> None:
+    where = f"{name}: {stage}.{site_key(site)}"
+    for part in ("to_q", "to_k", "to_v"):
+        if part in w and w[part].ndim != 2:
+            raise CheckpointFormatError(f"{where}.{part}.weight must be a matrix; found shape {tuple(w[part].shape)}")
+    if stage == "dca":
+        d, c = w["to_q"].shape
+        want = {"to_k": (d, d), "to_v": (d, d)}
+    else:
+        d, c = w["to_k"].shape
+        want = {"to_v": (d, c)}
+        if w["gate"].numel() != 1:
+            raise CheckpointFormatError(f"{where}.gate must hold one number; found shape {tuple(w['gate'].shape)}")
+    for part, shape in want.items():
+        if tuple(w[part].shape) != shape:
+            raise CheckpointFormatError(f"{where}.{part}.weight has shape {tuple(w[part].shape)}; expected {shape} "
+                                        f"(attention width {d}, channels {c})")
+
+
+def adapter_state_dict(weights: AdapterWeights) -> tuple[dict, dict]:
+    """(tensors, metadata) of ``weights`` in our file format: what the training command writes."""
+    sd = {}
+    for stage in ("dca", "rpa"):
+        for site, w in getattr(weights, stage).items():
+            for part, t in w.items():
+                sd[f"{stage}.{site_key(site)}.{part}" + ("" if part == "gate" else ".weight")] = t.contiguous()
+    meta = {"format": FORMAT, "version": FORMAT_VERSION}
+    if weights.base:
+        meta["base"] = weights.base
+    return sd, meta
+
+
+# -- the two equations -------------------------------------------------------------------------------------
+Projection = Callable[[torch.Tensor], torch.Tensor]
+
+
+def dual_context_term(z: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, known: torch.Tensor,
+                      w_q: Projection, w_k: Projection, w_v: Projection, heads: int,
+                      attention: AttentionFn = sdpa_attention) -> torch.Tensor:
+    """Patch-Adapter DCA: ``Z'' = Attn(Q, Z' W_k, Z' W_v)`` with ``Z' = Attn([z ⊙ (1 − M)] W_q, K, V)``.
+
+    z: [B, N, C] layer input; q: [B, N, D] the layer's own query; k, v: [B, T, D] its text keys/values;
+    known: [B or 1, N, 1] = 1 − M (1 = known pixel). Returns Z'': [B, N, D], to be added to the layer's
+    attention output before ``to_out``."""
+    q_ctx = w_q(z * known.to(z.dtype))                            # Q'  [B, N, D]
+    z_ctx = attention(q_ctx.to(q.dtype), k, v, heads)             # Z'  [B, N, D]
+    return attention(q, w_k(z_ctx).to(q.dtype), w_v(z_ctx).to(q.dtype), heads)
+
+
+def reference_patch_term(q: torch.Tensor, reference: torch.Tensor, w_k: Projection, w_v: Projection, heads: int,
+                         attention: AttentionFn = sdpa_attention) -> torch.Tensor:
+    """Patch-Adapter RPA: ``Attn(Q, R W_k, R W_v)``. q: [B, N, D]; reference: [B, M, C] the reference tokens at this
+    layer. The caller adds it times ``tanh(gate)``."""
+    return attention(q, w_k(reference).to(q.dtype), w_v(reference).to(q.dtype), heads)
+
+
+def extend_with_reference(n: torch.Tensor, context: torch.Tensor, value: torch.Tensor,
+                          reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weight-free route: self-attention keys/values become ``[own tokens ; reference tokens]`` (both taken
+    through the layer's own to_k / to_v later); queries stay ``n``. reference: [B, M, C]."""
+    ref = reference.to(context.dtype)
+    return n, torch.cat([context, ref], dim=1), torch.cat([value, ref], dim=1)
+
+
+# -- planning the patches ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PatchBox:
+    """A patch in pixels of the (padded) image: rows y0:y0+h, columns x0:x0+w."""
+    y0: int
+    x0: int
+    h: int
+    w: int
+
+    def slices(self) -> tuple[slice, slice]:
+        return slice(self.y0, self.y0 + self.h), slice(self.x0, self.x0 + self.w)
+
+    def latent(self, factor: int) -> "PatchBox":
+        return PatchBox(self.y0 // factor, self.x0 // factor, self.h // factor, self.w // factor)
+
+
+@dataclass(frozen=True)
+class PatchPlan:
+    height: int
+    width: int
+    patch_h: int
+    patch_w: int
+    grid: tuple            # every PatchBox of the grid
+    selected: tuple        # the ones the mask needs, in raster order
+
+
+def axis_starts(size: int, patch: int, overlap: int, align: int) -> list[int]:
+    """Starts of patches along one axis: ``align``-multiples, neighbours overlapping by at least ``overlap``, the last
+    one flush with the end. ``size`` and ``patch`` are multiples of ``align`` and patch <= size."""
+    if patch >= size:
+        return [0]
+    stride = (patch - overlap) // align * align
+    if stride <= 0:
+        raise ValueError(f"overlap {overlap} leaves no stride for patch {patch} at alignment {align}")
+    starts = list(range(0, size - patch, stride))
+    starts.append(size - patch)
+    return starts
+
+
+def check_patch_settings(patch_size: int, overlap: int, align: int) -> None:
+    if patch_size % align:
+        raise ValueError(f"patch_size {patch_size} is not a multiple of the VAE's latent factor {align}; "
+                         f"use e.g. {max(align, patch_size // align * align)}")
+    if overlap % align:
+        raise ValueError(f"overlap {overlap} is not a multiple of the VAE's latent factor {align}; "
+                         f"use e.g. {overlap // align * align}")
+    if overlap >= patch_size:
+        raise ValueError(f"overlap ({overlap}) must be smaller than patch_size ({patch_size})")
+    if patch_size - overlap < align:
+        raise ValueError(f"patch_size − overlap must be at least {align} pixels")
+
+
+def _box_sums(integral: torch.Tensor, y0, x0, y1, x1) -> int:
+    return int(integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0])
+
+
+def plan_patches(mask: torch.Tensor, patch_size: int, overlap: int, align: int, dilate: Optional[int] = None
+                 ) -> PatchPlan:
+    """The patch grid over a [H, W] mask (H, W multiples of ``align``; > 0 = to inpaint) and the patches that meet
+    the mask dilated by ``dilate`` pixels (default ``overlap``). Images smaller than a patch get one patch of the
+    image size along that axis."""
+    H, W = mask.shape[-2:]
+    if H % align or W % align:
+        raise ValueError(f"{W}x{H} is not a multiple of the latent factor {align} (pad first)")
+    check_patch_settings(patch_size, overlap, align)
+    ph, pw = min(patch_size, H), min(patch_size, W)
+    grid = tuple(PatchBox(y, x, ph, pw) for y in axis_starts(H, ph, overlap, align)
+                 for x in axis_starts(W, pw, overlap, align))
+    r = overlap if dilate is None else dilate
+    hit = (mask.reshape(H, W) > 0).to(torch.int64)
+    integral = F.pad(hit.cumsum(0).cumsum(1), (1, 0, 1, 0))      # [H+1, W+1] summed-area table
+    selected = tuple(b for b in grid if _box_sums(integral, max(b.y0 - r, 0), max(b.x0 - r, 0),
+                                                  min(b.y0 + b.h + r, H), min(b.x0 + b.w + r, W)) > 0)
+    return PatchPlan(H, W, ph, pw, grid, selected)
+
+
+# -- blending ----------------------------------------------------------------------------------------------
+def _ramp(length: int, lo_edge: bool, hi_edge: bool, overlap: int) -> torch.Tensor:
+    """1 in the middle, rising linearly over ``overlap`` pixels from the sides that have a neighbour; > 0 everywhere."""
+    w = torch.ones(length)
+    if overlap <= 0:
+        return w
+    up = torch.arange(1, overlap + 1, dtype=torch.float32) / (overlap + 1)
+    n = min(overlap, length)
+    if not lo_edge:
+        w[:n] = torch.minimum(w[:n], up[:n])
+    if not hi_edge:
+        w[length - n:] = torch.minimum(w[length - n:], up[:n].flip(0))
+    return w
+
+
+def patch_weights(box: PatchBox, height: int, width: int, overlap: int) -> torch.Tensor:
+    """[h, w] blending weights of a patch: ramps over ``overlap`` on the sides inside the image, flat at the image
+    border (nothing there to blend with)."""
+    wy = _ramp(box.h, box.y0 == 0, box.y0 + box.h >= height, overlap)
+    wx = _ramp(box.w, box.x0 == 0, box.x0 + box.w >= width, overlap)
+    return wy[:, None] * wx[None, :]
+
+
+class PatchCanvas:
+    """Weighted sum of refined patches over one image (pixels, [C, H, W]); reading a box gives the blend so far
+    where any patch landed and ``fallback`` elsewhere. Memory: the image size twice, plus one weight plane."""
+
+    def __init__(self, channels: int, height: int, width: int, overlap: int):
+        self.acc = torch.zeros(channels, height, width)
+        self.wsum = torch.zeros(1, height, width)
+        self.overlap = overlap
+
+    def add(self, box: PatchBox, pixels: torch.Tensor) -> None:
+        """pixels: [C, h, w] of ``box``."""
+        w = patch_weights(box, self.acc.shape[-2], self.acc.shape[-1], self.overlap)
+        ys, xs = box.slices()
+        self.acc[:, ys, xs] += pixels.float().cpu() * w
+        self.wsum[:, ys, xs] += w
+
+    def read(self, box: PatchBox, fallback: torch.Tensor) -> torch.Tensor:
+        """[C, h, w]: the blend where patches landed, ``fallback`` ([C, h, w]) elsewhere."""
+        ys, xs = box.slices()
+        ws = self.wsum[:, ys, xs]
+        return torch.where(ws > 0, self.acc[:, ys, xs] / ws.clamp_min(1e-12), fallback)
+
+    def covered(self) -> torch.Tensor:
+        return self.wsum[0] > 0
+
+    def composite(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """image [C, H, W] with the blend laid in where ``mask`` ([H, W], soft) > 0; outside it image is untouched."""
+        m = mask.reshape(1, *mask.shape[-2:]).to(image.dtype)
+        inside = m > 0
+        if bool((inside & ~self.covered()[None]).any()):
+            raise RuntimeError("patch plan left masked pixels uncovered")
+        blend = self.acc / self.wsum.clamp_min(1e-12)
+        return torch.where(inside, image * (1 - m) + blend * m, image)
+
+
+# -- the reference -----------------------------------------------------------------------------------------
+def check_reference_aspect(ref_h: int, ref_w: int, height: int, width: int, tolerance: float = 0.01) -> None:
+    """The reference must show the same framing as the image (up to rounding when it was downscaled)."""
+    a, b = ref_w / ref_h, width / height
+    slack = tolerance + 1.5 / min(ref_h, ref_w)          # one pixel of rounding on either side
+    if abs(a / b - 1) > slack:
+        raise ValueError(f"reference is {ref_w}x{ref_h} (aspect {a:.4f}) but the image is {width}x{height} "
+                         f"(aspect {b:.4f}); give the stage-1 result of this image, resized with its aspect ratio kept")
+
+
+def sample_reference(reference: torch.Tensor, box: PatchBox, height: int, width: int,
+                     mode: str = "bicubic") -> torch.Tensor:
+    """The pixels of ``box`` in ``reference`` resized to ``height`` x ``width``, without resizing all of it.
+
+    reference: [B, C, h, w]. Equals ``F.interpolate(reference, (height, width), mode=mode, align_corners=False)``
+    cropped to the box (half-pixel centres, borders clamped)."""
+    B, _, rh, rw = reference.shape
+    ys = (torch.arange(box.y0, box.y0 + box.h, dtype=torch.float64) + 0.5) / height * 2 - 1
+    xs = (torch.arange(box.x0, box.x0 + box.w, dtype=torch.float64) + 0.5) / width * 2 - 1
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    grid = torch.stack([gx, gy], dim=-1).to(reference.dtype)[None].expand(B, -1, -1, -1)
+    # grid_sample's normalised coordinate c maps to source pixel ((c + 1) * size - 1) / 2, the same half-pixel
+    # convention as interpolate(align_corners=False) with scale size/height.
+    return F.grid_sample(reference, grid, mode=mode, padding_mode="border", align_corners=False)
+
+
+def reference_region(box: PatchBox, height: int, width: int, ref_h: int, ref_w: int, context: float,
+                     cap: tuple[int, int]) -> tuple[PatchBox, tuple[int, int]]:
+    """Where a patch lies in a reference latent of ref_h x ref_w cells, grown by ``context`` around its centre and
+    shifted inside; and the size that region is resized to: itself, or scaled down to fit ``cap`` (the patch's own
+    latent size, so the reference never costs more tokens than the patch).
+
+    box: the patch in image pixels; height, width: the (padded) image size; results in latent cells."""
+    sy, sx = ref_h / height, ref_w / width
+    rh = min(ref_h, max(1, math.ceil(box.h * sy * context)))
+    rw = min(ref_w, max(1, math.ceil(box.w * sx * context)))
+    cy, cx = (box.y0 + box.h / 2) * sy, (box.x0 + box.w / 2) * sx
+    y0 = min(max(round(cy - rh / 2), 0), ref_h - rh)
+    x0 = min(max(round(cx - rw / 2), 0), ref_w - rw)
+    f = min(1.0, cap[0] / rh, cap[1] / rw)
+    return PatchBox(y0, x0, rh, rw), (max(1, round(rh * f)), max(1, round(rw * f)))

@@ -1,0 +1,473 @@
+"""Patch-Adapter nodes: the adapter file, the Dual Context Adapter (stage 1, ~1K) and the reference-guided patch
+refinement at full resolution (stage 2, 4K and beyond).
+
+How they reach the UNet (the input MODEL is cloned; every route is one of ComfyUI's patch routes):
+
+* Dual Context Adapter: the DCA needs the layer input ``z`` and the layer's own ``Q, K, V``. An ``attn2_patch``
+  (which ComfyUI calls with ``z = norm2(x)``) leaves ``z`` in the block's ``extra_options`` (one dict per
+  transformer block call, handed to the patch and then to the replace); the ``attn2`` *replace* at each adapted
+  site computes the text attention (ComfyUI's, or the replace another node put there first) and adds
+  ``strength · Z''``. A replace that finds no ``z`` raises instead of silently doing nothing.
+* Reference attention (stage 2): an ``APPLY_MODEL`` wrapper runs the same UNet once on the reference region of
+  the patch, noised to the step's sigma, and records every self-attention input ``norm1(x)`` (``attn1_patch``).
+  Then the patch's own pass reads those tokens: through an ``attn1`` replace adding ``tanh(g)·Attn(Q, R W_k,
+  R W_v)`` where Reference Patch Adapter weights exist, otherwise by extending the self-attention keys/values
+  with them (``attn1_patch``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io
+from torch import nn
+
+import comfy.model_management as mm
+import comfy.patcher_extension
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+
+from ..models import patch_adapter as pa
+from ..models.largen import latent_grid, site_name
+from ..models.weights import build_from_state_dict, load_weights, safetensors_metadata, tensor_dict
+from . import patch_refine
+from .branch_unet import transformer_sites
+from .common import (Precision, RunState, StepNoise, attention, bchw_to_image, check_percent_range, comfy_build_kwargs,
+                     image_to_bchw, mask_to_b1hw, match_image_mask, model_files, model_path, moved, once_per_run,
+                     percent_inputs, resolve_dtype, row_batch, run_scope, run_state, sigma_range, site_of,
+                     wrap_patcher)
+
+log = logging.getLogger(__name__)
+CATEGORY = "inpaint/consistent/Patch-Adapter"
+PatchAdapterType = io.Custom("PATCH_ADAPTER")
+PATCH_ID = "consistent_inpaint_patch"          # transformer_options entry: indices of the patches in this call
+
+
+# -- the adapter file -------------------------------------------------------------------------------------
+class PatchAdapterNet(nn.Module):
+    """The adapter's projections as ComfyUI-cast Linear layers (module names: ``dca.<site>.to_q`` …)."""
+
+    def __init__(self, weights: pa.AdapterWeights, dtype=None, device=None, operations=None, attention=None):
+        super().__init__()
+
+        def lin(w):
+            return operations.Linear(w.shape[1], w.shape[0], bias=False, dtype=dtype, device=device)
+
+        self.dca = nn.ModuleDict({site_name(s): nn.ModuleDict({p: lin(w[p]) for p in pa.DCA_PARTS})
+                                  for s, w in weights.dca.items()})
+        self.rpa = nn.ModuleDict({site_name(s): nn.ModuleDict({p: lin(w[p]) for p in ("to_k", "to_v")})
+                                  for s, w in weights.rpa.items()})
+
+
+@dataclass(frozen=True)
+class PatchAdapter:
+    patcher: object               # ModelPatcher of a PatchAdapterNet
+    dca: dict                     # site -> (channels, width)
+    rpa: dict                     # site -> (channels, width)
+    gates: dict                   # site -> tanh(g), the RPA fusion weight
+    base: str | None
+    name: str
+
+    def modules(self, stage: str, site) -> nn.ModuleDict:
+        return getattr(self.patcher.model, stage)[site_name(site)]
+
+
+def load_patch_adapter(path: str, dtype_choice: str) -> PatchAdapter:
+    weights = pa.parse_patch_adapter(tensor_dict(load_weights(path), path), path, safetensors_metadata(path))
+    sd = {f"{stage}.{site_name(s)}.{p}.weight": t for stage in ("dca", "rpa")
+          for s, w in getattr(weights, stage).items() for p, t in w.items() if p != "gate"}
+    device, offload = mm.get_torch_device(), mm.unet_offload_device()
+    params = sum(t.numel() for t in sd.values())
+    dtype = resolve_dtype(dtype_choice, device, params)
+    kw = comfy_build_kwargs(device)
+    net = build_from_state_dict(lambda device: PatchAdapterNet(weights, dtype=dtype, device=device, **kw), sd, path,
+                                "the Patch-Adapter projections", dtype)
+    gates = {s: math.tanh(float(w["gate"].float().reshape(()))) for s, w in weights.rpa.items()}
+    return PatchAdapter(wrap_patcher(net, device, offload), weights.widths("dca"), weights.widths("rpa"), gates,
+                        weights.base, path)
+
+
+def check_fits(adapter: PatchAdapter, model, stage: str) -> None:
+    """Every site of ``stage`` must exist in the model with the same widths (an SDXL adapter on SD1.5 fails here)."""
+    unet = model.get_model_object("diffusion_model")
+    if not hasattr(unet, "input_blocks"):
+        raise ValueError("Patch-Adapter works on SD1.5 / SDXL UNet models; this MODEL has no UNet blocks")
+    sites = transformer_sites(unet)
+    attn = "attn2" if stage == "dca" else "attn1"
+    for site, (c, d) in getattr(adapter, stage).items():
+        tb = sites.get(site)
+        layer = None if tb is None else getattr(tb, attn)
+        have = None if layer is None else (layer.to_q.in_features, layer.to_q.out_features)
+        if have != (c, d):
+            base = f" (the file says it is for {adapter.base})" if adapter.base else ""
+            found = "absent" if have is None else f"{have[0]} channels / {have[1]} wide"
+            raise ValueError(f"the Patch-Adapter does not fit this model{base}: {attn} at {site} is {found} in the "
+                             f"model, {c} channels / {d} wide in the adapter")
+
+
+# -- stage 1: the Dual Context Adapter ------------------------------------------------------------------------
+class DualContextPatch:
+    """Everything one Apply Dual Context attaches. Immutable (``__deepcopy__`` returns itself)."""
+
+    def __init__(self, adapter: PatchAdapter, hole: torch.Tensor, strength: float, sigma_range):
+        self.adapter, self.hole, self.strength = adapter, hole, strength      # hole: [B, 1, H, W] CPU, 1 = inpaint
+        self.sigma_start, self.sigma_end = sigma_range
+        self.key = f"consistent_inpaint_dca:{uuid.uuid4().hex}"
+        self.z_key = self.key + ":z"
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def wrapper(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        """Once per model call: whether the adapter acts in this step (no sigma read inside attention)."""
+        sigmas = transformer_options.get("sigmas")
+        if sigmas is None or self.sigma_end <= float(sigmas.max()) <= self.sigma_start:
+            transformer_options = {**transformer_options, self.key: True}
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+    def keep_input(self, n, context, value, extra):
+        """attn2_patch: leave the layer input z for the replace of the same block call."""
+        if extra.get(self.key) and site_of(extra) in self.adapter.dca:
+            extra[self.z_key] = n
+        return n, context, value
+
+    def known_rows(self, tokens, shape, chunks, rows, device, dtype):
+        """[rows · chunks, N, 1]: 1 − M area-resized to this layer's grid, rows ordered as the model's batch."""
+        h, w = latent_grid(tokens, shape[-2], shape[-1])
+
+        def build():
+            mh, mw = self.hole.shape[-2:]
+            if abs((mw / mh) / (shape[-1] / shape[-2]) - 1) > 0.02 + 2 / min(shape[-2:]):
+                raise ValueError(f"the Dual Context mask is {mw}x{mh} but the latent is {shape[-1]}x{shape[-2]} "
+                                 "(another aspect ratio); give the mask of the image being inpainted")
+            known = 1 - F.interpolate(self.hole, size=(h, w), mode="area")
+            known = row_batch(known.reshape(known.shape[0], h * w, 1), rows, "mask")
+            return known.repeat(len(chunks), 1, 1).to(device, dtype)
+        return once_per_run(run_state(self.key), ("known", h, w, tuple(chunks), rows, device, dtype), build)
+
+    def term(self, q, k, v, site, extra):
+        """strength · Z'' for this call, or None when the adapter is not acting."""
+        if not extra.get(self.key):
+            return None
+        z = extra.pop(self.z_key, None)
+        if z is None:
+            raise RuntimeError(f"Dual Context Adapter: the layer input of {site} did not reach its attention "
+                               "replace (ComfyUI's attn2_patch/extra_options contract changed?)")
+        chunks = extra.get("cond_or_uncond") or [0]
+        rows = q.shape[0] // len(chunks)
+        known = self.known_rows(q.shape[1], extra["original_shape"], chunks, rows, q.device, z.dtype)
+        mods = self.adapter.modules("dca", site)
+        out = pa.dual_context_term(z, q, k, v, known, mods["to_q"], mods["to_k"], mods["to_v"], extra["n_heads"],
+                                   lambda q_, k_, v_, heads: attention(q_, k_, v_, heads, extra))
+        return out * self.strength
+
+    def attach(self, model):
+        m = model.clone()
+        replaces = m.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
+        for site in self.adapter.dca:
+            previous = replaces.get(site, replaces.get(site[:2]))
+            m.set_model_attn2_replace(DualContextSite(self, site, previous), *site)
+        m.set_model_attn2_patch(self.keep_input)
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, self.key, self.wrapper)
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key,
+                               run_scope(self.key, RunState))
+        m.set_additional_models(self.key, [self.adapter.patcher])
+        return m
+
+
+class _Site:
+    """An attention replace at one site: the attention already there (ComfyUI's, or another node's replace) plus
+    the patch's term."""
+
+    def __init__(self, patch, site, previous):
+        self.patch, self.site, self.previous = patch, site, previous
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def base(self, q, k, v, extra):
+        if self.previous is not None:
+            return self.previous(q, k, v, extra)
+        return attention(q, k, v, extra["n_heads"], extra)
+
+
+class DualContextSite(_Site):
+    def __call__(self, q, k, v, extra_options):
+        out = self.base(q, k, v, extra_options)
+        term = self.patch.term(q, k, v, self.site, extra_options)
+        return out if term is None else out + term.to(out.dtype)
+
+
+# -- stage 2: reference attention inside each patch -------------------------------------------------------------
+def _reference_concat(keys, latent: torch.Tensor) -> torch.Tensor:
+    """The inpaint inputs of a fully known reference: mask 0, masked image = the reference latent."""
+    parts = []
+    for key in keys:
+        if key == "mask":
+            parts.append(torch.zeros_like(latent[:, :1]))
+        elif key == "mask_inverted":
+            parts.append(torch.ones_like(latent[:, :1]))
+        elif key in ("masked_image", "concat_image"):
+            parts.append(latent)
+        else:
+            raise ValueError(f"reference attention does not know the model's concat input {key!r}")
+    return torch.cat(parts, dim=1)
+
+
+class ReferencePatch:
+    """One batch of patches: their reference latents and, optionally, the Reference Patch Adapter."""
+
+    def __init__(self, latent: torch.Tensor, adapter: PatchAdapter | None, seed: int, ids: tuple):
+        self.latent = latent                   # [P, C, h, w] raw VAE latents of the reference regions, CPU
+        self.adapter = adapter if adapter is not None and adapter.rpa else None
+        self.seed, self.ids = seed, ids
+        self.key = f"consistent_inpaint_reference:{uuid.uuid4().hex}"
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def apply_model(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        base = executor.class_obj
+        chunks = transformer_options.get("cond_or_uncond") or [0]
+        rows = x.shape[0] // len(chunks)
+        if rows != self.latent.shape[0]:
+            raise RuntimeError(f"reference attention: {x.shape[0]} rows in the model call for "
+                               f"{self.latent.shape[0]} patches")
+        run = run_state(self.key)
+        sigma = t[:1].float()
+        noise = (run.step(float(sigma), self.latent.shape) if run is not None else
+                 torch.randn(self.latent.shape, generator=torch.Generator().manual_seed(self.seed)))
+        lat = moved(run, "latent", base.process_latent_in(self.latent), x.device, torch.float32)
+        noisy = base.model_sampling.noise_scaling(sigma.reshape(1, 1, 1, 1), noise.to(x.device), lat)
+        noisy = noisy.repeat(len(chunks), 1, 1, 1).to(x.dtype)
+        concat = None if c_concat is None else _reference_concat(base.concat_keys, lat).repeat(len(chunks), 1, 1, 1)
+        tokens = {}
+        executor(noisy, t, concat, c_crossattn, None, {**transformer_options, self.key: ("record", tokens)}, **kwargs)
+        return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, self.key: ("read", tokens)},
+                        **kwargs)
+
+    def self_attention(self, n, context, value, extra):
+        """attn1_patch: record the reference pass's tokens; in the patch pass extend keys/values with them where no
+        adapter weights take over."""
+        state = extra.get(self.key)
+        if state is None:
+            return n, context, value
+        mode, tokens = state
+        site = site_of(extra)
+        if mode == "record":
+            tokens[site] = n
+        elif site in tokens and (self.adapter is None or site not in self.adapter.rpa):
+            return pa.extend_with_reference(n, context, value, tokens[site])
+        return n, context, value
+
+    def term(self, q, site, extra):
+        state = extra.get(self.key)
+        if state is None or state[0] != "read" or site not in state[1]:
+            return None
+        mods = self.adapter.modules("rpa", site)
+        out = pa.reference_patch_term(q, state[1][site], mods["to_k"], mods["to_v"], extra["n_heads"],
+                                      lambda q_, k_, v_, heads: attention(q_, k_, v_, heads, extra))
+        return out * self.adapter.gates[site]
+
+    def attach(self, model):
+        m = model.clone()
+        m.model_options["transformer_options"][PATCH_ID] = self.ids
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, self.key, self.apply_model)
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key,
+                               run_scope(self.key, lambda: StepNoise(self.seed)))
+        m.set_model_attn1_patch(self.self_attention)
+        if self.adapter is not None:
+            replaces = m.model_options["transformer_options"].get("patches_replace", {}).get("attn1", {})
+            for site in self.adapter.rpa:
+                m.set_model_attn1_replace(ReferenceSite(self, site, replaces.get(site, replaces.get(site[:2]))), *site)
+            m.set_additional_models(self.key, [self.adapter.patcher])
+        return m
+
+
+class ReferenceSite(_Site):
+    def __call__(self, q, k, v, extra_options):
+        out = self.base(q, k, v, extra_options)
+        term = self.patch.term(q, self.site, extra_options)
+        return out if term is None else out + term.to(out.dtype)
+
+
+# -- nodes ------------------------------------------------------------------------------------------------
+class PatchAdapterLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentInpaintPatchAdapterLoader",
+            display_name="Load Patch-Adapter",
+            category=CATEGORY,
+            description="Loads Patch-Adapter weights in the pack's safetensors format: the Dual Context Adapter "
+                        "(stage 1) and/or the Reference Patch Adapter (stage 2). No official weights exist.",
+            inputs=[
+                io.Combo.Input("adapter", options=model_files("patch_adapter"),
+                               tooltip="A Patch-Adapter file in models/patch_adapter (docs/patch_adapter_format.md)"),
+                io.Combo.Input("dtype", options=Precision, default=Precision.AUTO, optional=True,
+                               tooltip="auto: bfloat16/float16 where the device supports it, else float32"),
+            ],
+            outputs=[PatchAdapterType.Output(display_name="PATCH_ADAPTER")],
+        )
+
+    @classmethod
+    def execute(cls, adapter, dtype=Precision.AUTO):
+        return io.NodeOutput(load_patch_adapter(model_path("patch_adapter", adapter), dtype))
+
+
+class ApplyDualContext(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentInpaintApplyDualContext",
+            display_name="Apply Patch-Adapter Dual Context",
+            category=CATEGORY,
+            description="Stage 1 (~1K): every adapted cross-attention also reads the known region against the "
+                        "prompt and adds strength · Attn(Q, Z'W_k, Z'W_v), Z' = Attn([z⊙(1−M)]W_q, K, V).",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.5- or SDXL-inpainting model (the adapter's base)"),
+                PatchAdapterType.Input("patch_adapter"),
+                io.Mask.Input("mask", tooltip="The hole, 1 = inpaint, at the resolution being sampled"),
+                io.Float.Input("strength", default=1.0, min=0.0, max=4.0, step=0.01,
+                               tooltip="Weight of the dual-context term (1 = as trained; 0 = the plain model)"),
+                *percent_inputs("the adapter"),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, start_percent=0.0, end_percent=1.0, **kwargs):
+        return check_percent_range(start_percent, end_percent)
+
+    @classmethod
+    def execute(cls, model, patch_adapter, mask, strength, start_percent=0.0, end_percent=1.0):
+        if not patch_adapter.dca:
+            raise ValueError(f"{patch_adapter.name} holds no Dual Context Adapter (dca.*) weights; it is for stage 2 "
+                             "(High-Res Patch Refine) only")
+        check_fits(patch_adapter, model, "dca")
+        hole = mask_to_b1hw(mask)
+        if not (hole > 0).any():
+            raise ValueError("mask is empty: there is no hole to inpaint (1 = inpaint)")
+        if bool((hole >= 1).all()):
+            raise ValueError("mask covers the whole image: the Dual Context Adapter reads the known region, "
+                             "and there is none")
+        if strength == 0:
+            return io.NodeOutput(model)
+        patch = DualContextPatch(patch_adapter, hole.cpu(), strength, sigma_range(model, start_percent, end_percent))
+        return io.NodeOutput(patch.attach(model))
+
+
+def _attach_reference(adapter):
+    def attach(model, latents, seed, ids):
+        return ReferencePatch(latents, adapter, seed, ids).attach(model)
+    return attach
+
+
+class HighResPatchRefine(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentInpaintHighResPatchRefine",
+            display_name="High-Res Patch Refine (Patch-Adapter)",
+            category=CATEGORY,
+            description="Stage 2: refines the hole of a full-resolution image (4K and beyond) patch by patch, each "
+                        "patch attending to its region of the stage-1 result. Only patches the mask needs are "
+                        "sampled; pixels outside the mask are returned exactly.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Vae.Input("vae"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Image.Input("image", tooltip="The full-resolution image"),
+                io.Mask.Input("mask", tooltip="1 = inpaint, full resolution"),
+                io.Image.Input("reference", tooltip="The stage-1 result (the same picture at lower resolution)"),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True),
+                io.Int.Input("steps", default=20, min=1, max=10000),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS),
+                io.Float.Input("denoise", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="How much of each patch is re-generated; the hole starts from the "
+                                       "upscaled reference"),
+                io.Int.Input("patch_size", default=1024, min=64, max=4096, step=8,
+                             tooltip="Side of a patch in pixels (a multiple of the VAE's factor, 8)"),
+                io.Int.Input("overlap", default=128, min=0, max=2048, step=8,
+                             tooltip="Pixels shared by neighbouring patches; results are blended across them"),
+                PatchAdapterType.Input("patch_adapter", optional=True,
+                                       tooltip="Reference Patch Adapter weights; without them each patch's "
+                                               "self-attention is extended with the reference tokens"),
+                io.Int.Input("patch_batch", default=1, min=1, max=64, optional=True,
+                             tooltip="Patches sampled together (faster on a large GPU; each batch reads the "
+                                     "canvas as it was when the batch started)"),
+                io.Float.Input("reference_context", default=1.5, min=1.0, max=4.0, step=0.05, optional=True,
+                               tooltip="How much larger than the patch the reference region it attends to is"),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE"), io.Image.Output(display_name="patch_grid")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, patch_size=1024, overlap=128, **kwargs):
+        if overlap >= patch_size:
+            return f"overlap ({overlap}) must be smaller than patch_size ({patch_size})"
+        return True
+
+    @classmethod
+    @torch.no_grad()
+    def execute(cls, model, vae, positive, negative, image, mask, reference, seed, steps, cfg, sampler_name,
+                scheduler, denoise, patch_size, overlap, patch_adapter=None, patch_batch=1, reference_context=1.5):
+        img, m = match_image_mask(image_to_bchw(image), mask_to_b1hw(mask))
+        ref = image_to_bchw(reference, "reference")
+        if patch_adapter is not None:
+            if patch_adapter.rpa:
+                check_fits(patch_adapter, model, "rpa")
+            else:
+                log.info("%s has no Reference Patch Adapter weights; patches extend their self-attention with the "
+                         "reference tokens instead", patch_adapter.name)
+        settings = patch_refine.RefineSettings(seed, steps, cfg, sampler_name, scheduler, denoise, patch_size, overlap,
+                                               patch_batch, reference_context)
+        out, plans = patch_refine.refine(model, vae, positive, negative, img, m, ref, settings,
+                                         _attach_reference(patch_adapter))
+        grid = torch.stack([patch_refine.patch_grid_preview(img[i], m[i], plans[i]) for i in range(img.shape[0])])
+        return io.NodeOutput(bchw_to_image(out), bchw_to_image(grid))
+
+
+class DownscaleForStage1(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConsistentInpaintDownscaleForStage1",
+            display_name="Downscale For Stage 1",
+            category=CATEGORY,
+            description="Scales an image and its mask together to about `megapixels`, keeping the aspect ratio, with "
+                        "sides that are multiples of `multiple_of`, so the stage-1 result covers exactly the whole "
+                        "frame (ComfyUI's VAE encode would otherwise crop the edges).",
+            inputs=[
+                io.Image.Input("image"),
+                io.Mask.Input("mask"),
+                io.Float.Input("megapixels", default=1.0, min=0.05, max=16.0, step=0.01,
+                               tooltip="Target size (1.0 ≈ 1024² for SDXL; 0.25 ≈ 512² for SD1.5)"),
+                io.Int.Input("multiple_of", default=8, min=1, max=256,
+                             tooltip="Sides are rounded to this (8 = the SD/SDXL latent factor)"),
+            ],
+            outputs=[io.Image.Output(display_name="image"), io.Mask.Output(display_name="mask")],
+        )
+
+    @classmethod
+    def execute(cls, image, mask, megapixels, multiple_of=8):
+        img, m = match_image_mask(image_to_bchw(image), mask_to_b1hw(mask))
+        H, W = img.shape[-2:]
+        scale = math.sqrt(megapixels * 1024 * 1024 / (H * W))
+        h = max(multiple_of, round(H * scale / multiple_of) * multiple_of)
+        w = max(multiple_of, round(W * scale / multiple_of) * multiple_of)
+        aa = h < H or w < W
+        small = F.interpolate(img, size=(h, w), mode="bicubic", antialias=aa, align_corners=False).clamp(0, 1)
+        small_mask = F.interpolate(m, size=(h, w), mode="bilinear", antialias=aa, align_corners=False).clamp(0, 1)
+        return io.NodeOutput(bchw_to_image(small), small_mask[:, 0].cpu())
+
+
+NODES = [PatchAdapterLoader, ApplyDualContext, HighResPatchRefine, DownscaleForStage1]

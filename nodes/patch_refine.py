@@ -1,0 +1,279 @@
+"""Stage 2 of Patch-Adapter: refine the hole of a full-resolution image patch by patch.
+
+Per image: pad to the VAE's latent factor, plan a latent-aligned grid (``models.patch_adapter.plan_patches``) and
+keep the patches the mask needs; for each patch (or batch of patches) crop the current canvas — the blend of the
+patches done so far, else the image with its hole filled from the reference resized to full resolution — build
+the model's inpaint inputs for that crop (VAE latent, the crop with its hole greyed as ComfyUI's
+InpaintModelConditioning does, the mask as concat and noise mask) and every other spatial input of the
+conditioning cropped to it (area masks, areas, ControlNet hints), sample with the reference attention attached,
+decode, and add it to the canvas with feathered weights. Only the patch is ever encoded, sampled or decoded, so
+peak memory follows the patch size; the image-sized buffers are the image, the canvas and one weight plane.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import comfy.model_management as mm
+import comfy.sample
+import comfy.utils
+
+from ..models import patch_adapter as pa
+from .common import row_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    seed: int
+    steps: int
+    cfg: float
+    sampler_name: str
+    scheduler: str
+    denoise: float
+    patch_size: int
+    overlap: int
+    patch_batch: int = 1
+    reference_context: float = 1.5
+
+
+def latent_factor(vae) -> int:
+    f = vae.spacial_compression_encode() if hasattr(vae, "spacial_compression_encode") else 8
+    if not isinstance(f, int) or f < 1:
+        raise ValueError(f"this VAE has no single spatial latent factor ({f!r}); use an SD1.5/SDXL VAE")
+    return f
+
+
+# -- cropping the conditioning to a patch --------------------------------------------------------------------
+def _crop_plane(t: torch.Tensor, boxes, height: int, width: int) -> torch.Tensor:
+    """t: [B, ..., h, w] at any resolution covering the image -> the region of each box (proportionally), stacked
+    per box (row i for box i, or the single row for all)."""
+    th, tw = t.shape[-2:]
+    out = []
+    for i, b in enumerate(boxes):
+        y0, y1 = math.floor(b.y0 * th / height), max(math.floor(b.y0 * th / height) + 1, math.ceil((b.y0 + b.h) * th / height))
+        x0, x1 = math.floor(b.x0 * tw / width), max(math.floor(b.x0 * tw / width) + 1, math.ceil((b.x0 + b.w) * tw / width))
+        row = t[i:i + 1] if t.shape[0] == len(boxes) else t[:1]
+        out.append(row[..., min(y0, th - 1):min(y1, th), min(x0, tw - 1):min(x1, tw)])
+    sizes = {tuple(o.shape[-2:]) for o in out}
+    if len(sizes) > 1:                                    # rounding differs between boxes: bring to one size
+        size = max(sizes)
+        out = [F.interpolate(o.float(), size=size, mode="bilinear").to(o.dtype) if tuple(o.shape[-2:]) != size else o
+               for o in out]
+    return torch.cat(out)
+
+
+def _crop_area(area, box, factor: int, height: int, width: int):
+    """ConditioningSetArea's (h, w, y, x) in latent cells (or ("percentage", h, w, y, x)) within a patch; None when
+    the area misses the patch."""
+    if area[0] == "percentage":
+        _, h, w, y, x = area
+        lh, lw = height // factor, width // factor
+        h, w, y, x = round(h * lh), round(w * lw), round(y * lh), round(x * lw)
+    else:
+        h, w, y, x = area
+    lb = box.latent(factor)
+    y0, x0 = max(y, lb.y0), max(x, lb.x0)
+    y1, x1 = min(y + h, lb.y0 + lb.h), min(x + w, lb.x0 + lb.w)
+    if y1 <= y0 or x1 <= x0:
+        return None
+    return (y1 - y0, x1 - x0, y0 - lb.y0, x0 - lb.x0)
+
+
+def _crop_control(control, boxes, height: int, width: int):
+    if control is None:
+        return None
+    c = control.copy()
+    if c.cond_hint_original is not None:
+        c.cond_hint_original = _crop_plane(c.cond_hint_original, boxes, height, width)
+    c.extra_concat_orig = [_crop_plane(e, boxes, height, width) if e.ndim == 4 and min(e.shape[-2:]) > 1 else e
+                           for e in c.extra_concat_orig]
+    c.set_previous_controlnet(_crop_control(control.previous_controlnet, boxes, height, width))
+    return c
+
+
+def crop_conditioning(conds: list, boxes, height: int, width: int, factor: int, inpaint: dict | None) -> list:
+    """The conditioning of a batch of patches: every spatial entry cropped to them, the inpaint inputs replaced by
+    the patches' own (``inpaint``: concat_latent_image / concat_mask). Entries whose area misses the patch are
+    left out."""
+    out = []
+    for t, d in conds:
+        d = dict(d)
+        if "area" in d:
+            if len(boxes) != 1:
+                raise ValueError("conditioning with an area needs patch_batch 1")
+            area = _crop_area(d["area"], boxes[0], factor, height, width)
+            if area is None:
+                continue
+            d["area"] = area
+        if d.get("mask") is not None:
+            m = d["mask"]
+            d["mask"] = _crop_plane(m if m.ndim == 3 else m[None], boxes, height, width)
+        if d.get("control") is not None:
+            d["control"] = _crop_control(d["control"], boxes, height, width)
+        for key in ("concat_latent_image", "concat_mask", "noise_mask"):
+            d.pop(key, None)
+        if inpaint:
+            d.update(inpaint)
+        out.append([t, d])
+    if not out:
+        raise ValueError("no conditioning entry covers this patch (their areas all lie elsewhere); add one "
+                         "without an area")
+    return out
+
+
+def _has_area(conds) -> bool:
+    return any("area" in d for _, d in conds)
+
+
+# -- the patch loop -----------------------------------------------------------------------------------------------
+class _Progress:
+    def __init__(self, total_steps: int):
+        self.bar = comfy.utils.ProgressBar(max(total_steps, 1))
+        self.total, self.done = max(total_steps, 1), 0
+
+    def callback(self, steps: int):
+        base = self.done
+
+        def cb(step, x0, x, total):
+            self.bar.update_absolute(min(base + step + 1, self.total), self.total)
+        self.done += steps
+        return cb
+
+
+def _reference_tokens_latent(ref_latent, boxes, height, width, factor, context):
+    """[P, C, h, w]: the reference latent under each patch (grown by ``context``), at most the patch's latent size."""
+    out = []
+    for b in boxes:
+        region, size = pa.reference_region(b, height, width, ref_latent.shape[-2], ref_latent.shape[-1], context,
+                                           (b.h // factor, b.w // factor))
+        ys, xs = region.slices()
+        r = ref_latent[..., ys, xs]
+        if tuple(r.shape[-2:]) != size:
+            r = F.interpolate(r, size=size, mode="area")
+        out.append(r)
+    return torch.cat(out)
+
+
+def refine_image(model, vae, positive, negative, image, mask, reference, s: RefineSettings, attach_reference,
+                 progress: _Progress | None, first_id: int = 0):
+    """One image: image [1, 3, H, W], mask [1, 1, H, W] (1 = inpaint), reference [1, 3, h, w]. Returns the image
+    (outside the mask bit-identical) and the plan. ``attach_reference(model, latents, seed, ids)`` -> MODEL."""
+    H, W = image.shape[-2:]
+    f = latent_factor(vae)
+    pa.check_patch_settings(s.patch_size, s.overlap, f)
+    Hp, Wp = math.ceil(H / f) * f, math.ceil(W / f) * f
+    img = F.pad(image, (0, Wp - W, 0, Hp - H), mode="replicate") if (Hp, Wp) != (H, W) else image
+    msk = F.pad(mask, (0, Wp - W, 0, Hp - H)) if (Hp, Wp) != (H, W) else mask
+    plan = pa.plan_patches(msk[0, 0], s.patch_size, s.overlap, f)
+    if not plan.selected:
+        return image, plan
+    ref_latent = vae.encode(reference.movedim(1, -1)).float().cpu()
+    inpaint_model = bool(getattr(model.model, "concat_keys", ()))
+    batch = 1 if _has_area(positive) or _has_area(negative) else s.patch_batch
+    canvas = pa.PatchCanvas(3, Hp, Wp, s.overlap)
+    order = list(enumerate(plan.selected))
+    for start in range(0, len(order), batch):
+        mm.throw_exception_if_processing_interrupted()
+        chunk = order[start:start + batch]
+        ids = tuple(first_id + i for i, _ in chunk)
+        boxes = [b for _, b in chunk]
+        pixels, masks = [], []
+        for b in boxes:
+            ys, xs = b.slices()
+            hole = msk[0, :, ys, xs]
+            filled = img[0, :, ys, xs] * (1 - hole) + pa.sample_reference(reference, b, H, W)[0].clamp(0, 1) * hole
+            pixels.append(canvas.read(b, filled))
+            masks.append(hole)
+        px, mk = torch.stack(pixels), torch.stack(masks)                      # [P, 3, h, w], [P, 1, h, w]
+        latent = vae.encode(px.movedim(1, -1))
+        extra = None
+        if inpaint_model:
+            grey = (px - 0.5) * (1 - mk.round()) + 0.5
+            extra = {"concat_latent_image": vae.encode(grey.movedim(1, -1)), "concat_mask": mk}
+        pos = crop_conditioning(positive, boxes, Hp, Wp, f, extra)
+        neg = crop_conditioning(negative, boxes, Hp, Wp, f, extra)
+        latent = comfy.sample.fix_empty_latent_channels(model, latent)
+        noise = torch.cat([torch.randn(latent.shape[1:], generator=torch.Generator().manual_seed(s.seed + i),
+                                       dtype=torch.float32)[None] for i in ids])
+        refs = _reference_tokens_latent(ref_latent, boxes, H, W, f, s.reference_context)
+        patched = attach_reference(model, refs, s.seed + ids[0], ids)
+        samples = comfy.sample.sample(patched, noise, s.steps, s.cfg, s.sampler_name, s.scheduler, pos, neg, latent,
+                                      denoise=s.denoise, noise_mask=mk,
+                                      callback=progress.callback(s.steps) if progress else None, disable_pbar=True,
+                                      seed=s.seed + ids[0])
+        decoded = vae.decode(samples).movedim(-1, 1).float().cpu()
+        for b, d in zip(boxes, decoded):
+            canvas.add(b, d[:3, :b.h, :b.w])
+    out = canvas.composite(img[0], msk[0, 0])[None, :, :H, :W]
+    return out, plan
+
+
+def batches_in(plan, s: RefineSettings, positive, negative) -> int:
+    if plan is None or not plan.selected:
+        return 0
+    batch = 1 if _has_area(positive) or _has_area(negative) else s.patch_batch
+    return math.ceil(len(plan.selected) / batch)
+
+
+def plan_only(image, mask, s: RefineSettings, factor: int):
+    H, W = image.shape[-2:]
+    Hp, Wp = math.ceil(H / factor) * factor, math.ceil(W / factor) * factor
+    msk = F.pad(mask, (0, Wp - W, 0, Hp - H)) if (Hp, Wp) != (H, W) else mask
+    return pa.plan_patches(msk[0, 0], s.patch_size, s.overlap, factor)
+
+
+def refine(model, vae, positive, negative, image, mask, reference, s: RefineSettings, attach_reference):
+    """image [B, 3, H, W], mask [B or 1, 1, H, W], reference [B or 1, 3, h, w] -> (images, plans)."""
+    f = latent_factor(vae)
+    pa.check_patch_settings(s.patch_size, s.overlap, f)
+    B = image.shape[0]
+    reference = row_batch(reference, B, "reference")
+    pa.check_reference_aspect(reference.shape[-2], reference.shape[-1], image.shape[-2], image.shape[-1])
+    plans = [plan_only(image[i:i + 1], mask[i:i + 1], s, f) for i in range(B)]
+    progress = _Progress(sum(batches_in(p, s, positive, negative) for p in plans) * s.steps)
+    outs, first = [], 0
+    for i in range(B):
+        if not plans[i].selected:
+            outs.append(image[i:i + 1])
+            continue
+        out, _ = refine_image(model, vae, positive, negative, image[i:i + 1], mask[i:i + 1], reference[i:i + 1], s,
+                              attach_reference, progress, first)
+        first += len(plans[i].selected)
+        outs.append(out)
+    return torch.cat(outs), plans
+
+
+# -- the preview -------------------------------------------------------------------------------------------------
+_COLOURS = torch.tensor([[0.1, 0.9, 0.2], [0.2, 0.6, 1.0], [1.0, 0.8, 0.1], [0.9, 0.3, 0.9]])
+
+
+def patch_grid_preview(image: torch.Tensor, mask: torch.Tensor, plan, max_side: int = 1024) -> torch.Tensor:
+    """[3, h, w]: the image (at most ``max_side``), the hole tinted red, every selected patch outlined (colours
+    alternate so overlaps show), the rest of the grid in faint grey."""
+    H, W = image.shape[-2:]
+    scale = min(1.0, max_side / max(H, W))
+    h, w = max(1, round(H * scale)), max(1, round(W * scale))
+    img = F.interpolate(image[None], size=(h, w), mode="area")[0] if scale < 1 else image.clone()
+    m = F.interpolate(mask[None].float(), size=(h, w), mode="area")[0] if scale < 1 else mask.float()
+    img = img * (1 - 0.35 * m) + torch.tensor([1.0, 0.1, 0.1])[:, None, None] * 0.35 * m
+    selected = set(plan.selected) if plan is not None else set()
+    boxes = [] if plan is None else [(b, None) for b in plan.grid if b not in selected] + [
+        (b, _COLOURS[i % len(_COLOURS)]) for i, b in enumerate(plan.selected)]
+    t = 2 if min(h, w) >= 128 else 1
+    for b, colour in boxes:
+        y0, x0 = int(b.y0 * scale), int(b.x0 * scale)
+        y1, x1 = min(h, max(y0 + 1, int((b.y0 + b.h) * scale))), min(w, max(x0 + 1, int((b.x0 + b.w) * scale)))
+        y1c, x1c = max(y1 - t, 0), max(x1 - t, 0)
+        for ys, xs in ((slice(y0, y0 + t), slice(x0, x1)), (slice(y1c, y1), slice(x0, x1)),
+                       (slice(y0, y1), slice(x0, x0 + t)), (slice(y0, y1), slice(x1c, x1))):
+            if colour is None:
+                img[:, ys, xs] = img[:, ys, xs] * 0.6 + 0.4 * 0.75
+            else:
+                img[:, ys, xs] = colour[:, None, None]
+    return img.clamp(0, 1)
