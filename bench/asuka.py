@@ -30,6 +30,7 @@ import layouts  # noqa: E402
 from models import asuka_alignment, asuka_mae, harmonizing_decoder  # noqa: E402
 from models.harmonizing_decoder import decode_tiled  # noqa: E402
 from models.harmonizing_stream import StreamingDecode  # noqa: E402
+from measure import PeakRSS  # noqa: E402
 
 
 def timed(fn, repeat=3):
@@ -94,42 +95,6 @@ def bench_conditioning():
         print(f"ratio SD-variant conditioning / one SD1.5 step: {(t_mae + t_al) / t_step:.3f}")
         print(f"ratio FLUX-side conditioning (MAE + T5 + CLIP alignments) / one SD1.5 step: "
               f"{(t_mae + t_t5 + t_al) / t_step:.3f}")
-
-
-class PeakRSS:
-    """Peak resident-set growth over a block, sampled every 2 ms from /proc (CPU runs; on CUDA use the
-    allocator's own peak). malloc_trim first, so memory freed during set-up is not silently reused."""
-
-    def __enter__(self):
-        import ctypes
-        import threading
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _watch(self):
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self._rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def growth_mib(self) -> float:
-        return (self.peak - self.base) / 2 ** 20
 
 
 MODES = {"whole": "whole image", "exact": "exact tiles", "independent": "independent tiles"}

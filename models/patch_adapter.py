@@ -230,24 +230,56 @@ def _box_sums(integral: torch.Tensor, y0, x0, y1, x1) -> int:
     return int(integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0])
 
 
+def padded_size(height: int, width: int, align: int) -> tuple[int, int]:
+    """The image size rounded up to the latent factor (the pack pads bottom/right edges per patch, never the image)."""
+    return math.ceil(height / align) * align, math.ceil(width / align) * align
+
+
 def plan_patches(mask: torch.Tensor, patch_size: int, overlap: int, align: int, dilate: Optional[int] = None
                  ) -> PatchPlan:
-    """The patch grid over a [H, W] mask (H, W multiples of ``align``; > 0 = to inpaint) and the patches that meet
-    the mask dilated by ``dilate`` pixels (default ``overlap``). Images smaller than a patch get one patch of the
-    image size along that axis."""
-    H, W = mask.shape[-2:]
-    if H % align or W % align:
-        raise ValueError(f"{W}x{H} is not a multiple of the latent factor {align} (pad first)")
+    """The patch grid over a [H, W] mask (> 0 = to inpaint), padded to ``align`` on the bottom/right, and the patches
+    that meet the mask dilated by ``dilate`` pixels (default ``overlap``). Images smaller than a patch get one patch
+    of the image size along that axis.
+
+    Memory: with ``dilate`` a multiple of ``align`` the test runs on the grid of align x align cells (a cell is hit
+    when any of its pixels is), which is exact because boxes are aligned; otherwise on pixels."""
+    mask = mask.reshape(mask.shape[-2:])
+    H0, W0 = mask.shape
+    H, W = padded_size(H0, W0, align)
     check_patch_settings(patch_size, overlap, align)
     ph, pw = min(patch_size, H), min(patch_size, W)
     grid = tuple(PatchBox(y, x, ph, pw) for y in axis_starts(H, ph, overlap, align)
                  for x in axis_starts(W, pw, overlap, align))
     r = overlap if dilate is None else dilate
-    hit = (mask.reshape(H, W) > 0).to(torch.int64)
-    integral = F.pad(hit.cumsum(0).cumsum(1), (1, 0, 1, 0))      # [H+1, W+1] summed-area table
-    selected = tuple(b for b in grid if _box_sums(integral, max(b.y0 - r, 0), max(b.x0 - r, 0),
-                                                  min(b.y0 + b.h + r, H), min(b.x0 + b.w + r, W)) > 0)
+    unit = align if r % align == 0 else 1
+    hit = mask > 0
+    if unit > 1:
+        hit = F.max_pool2d(hit[None, None].to(torch.float16), unit, ceil_mode=True)[0, 0] > 0
+    else:
+        hit = F.pad(hit, (0, W - W0, 0, H - H0))
+    integral = F.pad(hit.to(torch.int32).cumsum(0).cumsum(1), (1, 0, 1, 0))     # summed-area table
+    Hu, Wu = H // unit, W // unit
+    selected = tuple(b for b in grid if _box_sums(integral, max((b.y0 - r) // unit, 0), max((b.x0 - r) // unit, 0),
+                                                  min((b.y0 + b.h + r) // unit, Hu),
+                                                  min((b.x0 + b.w + r) // unit, Wu)) > 0)
     return PatchPlan(H, W, ph, pw, grid, selected)
+
+
+def crop_padded(t: torch.Tensor, box: PatchBox, mode: str = "replicate") -> torch.Tensor:
+    """t[..., box] for t: [B, C, H, W]; where the box runs past the bottom/right edge (the image is not a multiple of
+    the latent factor) the crop is padded: ``replicate`` for pixels, ``constant`` (0) for masks."""
+    H, W = t.shape[-2:]
+    part = t[..., box.y0:min(box.y0 + box.h, H), box.x0:min(box.x0 + box.w, W)]
+    ph, pw = box.h - part.shape[-2], box.w - part.shape[-1]
+    if ph or pw:
+        part = F.pad(part.float(), (0, pw, 0, ph), mode=mode)
+    return part
+
+
+def union_box(boxes) -> PatchBox:
+    y0, x0 = min(b.y0 for b in boxes), min(b.x0 for b in boxes)
+    y1, x1 = max(b.y0 + b.h for b in boxes), max(b.x0 + b.w for b in boxes)
+    return PatchBox(y0, x0, y1 - y0, x1 - x0)
 
 
 # -- blending ----------------------------------------------------------------------------------------------
@@ -274,38 +306,71 @@ def patch_weights(box: PatchBox, height: int, width: int, overlap: int) -> torch
 
 
 class PatchCanvas:
-    """Weighted sum of refined patches over one image (pixels, [C, H, W]); reading a box gives the blend so far
-    where any patch landed and ``fallback`` elsewhere. Memory: the image size twice, plus one weight plane."""
+    """Weighted sum of refined patches (pixels, [C, ...]) over ``region`` of a height x width image (default: all of
+    it); reading a box gives the blend so far where any patch landed and ``fallback`` elsewhere. Memory: the region
+    (the union of the planned patches), not the image, times C + 1 planes."""
 
-    def __init__(self, channels: int, height: int, width: int, overlap: int):
-        self.acc = torch.zeros(channels, height, width)
-        self.wsum = torch.zeros(1, height, width)
-        self.overlap = overlap
+    def __init__(self, channels: int, height: int, width: int, overlap: int, region: Optional[PatchBox] = None):
+        self.region = region or PatchBox(0, 0, height, width)
+        self.height, self.width, self.overlap = height, width, overlap
+        self.acc = torch.zeros(channels, self.region.h, self.region.w)
+        self.wsum = torch.zeros(1, self.region.h, self.region.w)
+
+    def _local(self, box: PatchBox) -> tuple[slice, slice]:
+        r = self.region
+        if box.y0 < r.y0 or box.x0 < r.x0 or box.y0 + box.h > r.y0 + r.h or box.x0 + box.w > r.x0 + r.w:
+            raise ValueError(f"{box} lies outside the canvas region {r}")
+        return slice(box.y0 - r.y0, box.y0 - r.y0 + box.h), slice(box.x0 - r.x0, box.x0 - r.x0 + box.w)
 
     def add(self, box: PatchBox, pixels: torch.Tensor) -> None:
         """pixels: [C, h, w] of ``box``."""
-        w = patch_weights(box, self.acc.shape[-2], self.acc.shape[-1], self.overlap)
-        ys, xs = box.slices()
+        w = patch_weights(box, self.height, self.width, self.overlap)
+        ys, xs = self._local(box)
         self.acc[:, ys, xs] += pixels.float().cpu() * w
         self.wsum[:, ys, xs] += w
 
     def read(self, box: PatchBox, fallback: torch.Tensor) -> torch.Tensor:
         """[C, h, w]: the blend where patches landed, ``fallback`` ([C, h, w]) elsewhere."""
-        ys, xs = box.slices()
+        ys, xs = self._local(box)
         ws = self.wsum[:, ys, xs]
         return torch.where(ws > 0, self.acc[:, ys, xs] / ws.clamp_min(1e-12), fallback)
 
     def covered(self) -> torch.Tensor:
-        return self.wsum[0] > 0
+        """[H, W] bool over the whole image."""
+        out = torch.zeros(self.height, self.width, dtype=torch.bool)
+        r = self.region
+        out[r.y0:r.y0 + r.h, r.x0:r.x0 + r.w] = self.wsum[0] > 0
+        return out
+
+    def composite_into(self, out: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, band: int = 256) -> None:
+        """Writes ``image · (1 − m) + blend · m`` where the mask ([H, W], soft) is > 0 into ``out`` ([H, W, C], the
+        IMAGE layout, a copy of the image); everything else of ``out`` is left as it is. image: [C, H, W] (any
+        strides). Works in bands of rows, so temporaries stay small at 4K."""
+        H, W = mask.shape[-2:]
+        r = self.region
+        for y in range(r.y0, min(r.y0 + r.h, H), band):
+            y1 = min(y + band, r.y0 + r.h, H)
+            x1 = min(r.x0 + r.w, W)
+            m = mask[y:y1, r.x0:x1].float()[None]                                   # [1, b, w]
+            inside = m > 0
+            if not bool(inside.any()):
+                continue
+            ws = self.wsum[:, y - r.y0:y1 - r.y0, :x1 - r.x0]
+            if bool((inside & (ws <= 0)).any()):
+                raise RuntimeError("patch plan left masked pixels uncovered")
+            blend = self.acc[:, y - r.y0:y1 - r.y0, :x1 - r.x0] / ws.clamp_min(1e-12)
+            img = image[:, y:y1, r.x0:x1].float()
+            mixed = torch.where(inside, img * (1 - m) + blend * m, img)
+            out[y:y1, r.x0:x1] = mixed.permute(1, 2, 0).to(out.dtype)
 
     def composite(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """image [C, H, W] with the blend laid in where ``mask`` ([H, W], soft) > 0; outside it image is untouched."""
-        m = mask.reshape(1, *mask.shape[-2:]).to(image.dtype)
-        inside = m > 0
-        if bool((inside & ~self.covered()[None]).any()):
+        mask = mask.reshape(mask.shape[-2:])
+        if bool(((mask > 0) & ~self.covered()[:mask.shape[0], :mask.shape[1]]).any()):
             raise RuntimeError("patch plan left masked pixels uncovered")
-        blend = self.acc / self.wsum.clamp_min(1e-12)
-        return torch.where(inside, image * (1 - m) + blend * m, image)
+        out = image.permute(1, 2, 0).clone()
+        self.composite_into(out, image, mask)
+        return out.permute(2, 0, 1)
 
 
 # -- the reference -----------------------------------------------------------------------------------------

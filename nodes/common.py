@@ -208,6 +208,31 @@ def image_to_bchw(image: torch.Tensor, name: str = "image") -> torch.Tensor:
     return image.float().permute(0, 3, 1, 2).contiguous()
 
 
+def image_view_bchw(image: torch.Tensor, name: str = "image") -> torch.Tensor:
+    """IMAGE [B,H,W,C] -> a [B,3,H,W] *view* (no copy; for 4K+ images read patch by patch). Same checks as
+    image_to_bchw."""
+    if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"{name} must be an RGB/RGBA/grayscale IMAGE [batch, height, width, channels]; got shape "
+                         f"{tuple(image.shape)}")
+    check_finite(image, name)
+    view = image[..., :3] if image.shape[-1] >= 3 else image.expand(-1, -1, -1, 3)
+    return view.permute(0, 3, 1, 2)
+
+
+def mask_view_b1hw(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """MASK -> [B,1,H,W] float32 in [0,1] without copying when it already is (for 4K+ masks)."""
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim == 4 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.ndim != 3:
+        raise ValueError(f"{name} must be a MASK [batch, height, width]; got shape {tuple(mask.shape)}")
+    check_finite(mask, name)
+    if mask.dtype != torch.float32 or bool((mask < 0).any() or (mask > 1).any()):
+        mask = mask.float().clamp(0, 1)
+    return mask[:, None]
+
+
 def mask_to_b1hw(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
     """MASK [B,H,W] or [H,W] -> [B,1,H,W] float32 in [0,1], 1 = inpaint."""
     if mask.ndim == 2:

@@ -38,7 +38,7 @@ from ..models.weights import build_from_state_dict, load_weights, safetensors_me
 from . import patch_refine
 from .branch_unet import transformer_sites
 from .common import (Precision, RunState, StepNoise, attention, bchw_to_image, check_percent_range, comfy_build_kwargs,
-                     image_to_bchw, mask_to_b1hw, match_image_mask, model_files, model_path, moved, once_per_run,
+                     image_to_bchw, image_view_bchw, mask_view_b1hw, mask_to_b1hw, match_image_mask, model_files, model_path, moved, once_per_run,
                      percent_inputs, resolve_dtype, row_batch, run_scope, run_state, sigma_range, site_of,
                      wrap_patcher)
 
@@ -420,7 +420,8 @@ class HighResPatchRefine(io.ComfyNode):
     @torch.no_grad()
     def execute(cls, model, vae, positive, negative, image, mask, reference, seed, steps, cfg, sampler_name,
                 scheduler, denoise, patch_size, overlap, patch_adapter=None, patch_batch=1, reference_context=1.5):
-        img, m = match_image_mask(image_to_bchw(image), mask_to_b1hw(mask))
+        # 4K+ images: no image-sized copies beyond the output itself (views for reading, crops per patch).
+        img, m = match_image_mask(image_view_bchw(image), mask_view_b1hw(mask))     # views, expanded not copied
         ref = image_to_bchw(reference, "reference")
         if patch_adapter is not None:
             if patch_adapter.rpa:
@@ -430,10 +431,12 @@ class HighResPatchRefine(io.ComfyNode):
                          "reference tokens instead", patch_adapter.name)
         settings = patch_refine.RefineSettings(seed, steps, cfg, sampler_name, scheduler, denoise, patch_size, overlap,
                                                patch_batch, reference_context)
-        out, plans = patch_refine.refine(model, vae, positive, negative, img, m, ref, settings,
-                                         _attach_reference(patch_adapter))
-        grid = torch.stack([patch_refine.patch_grid_preview(img[i], m[i], plans[i]) for i in range(img.shape[0])])
-        return io.NodeOutput(bchw_to_image(out), bchw_to_image(grid))
+        out = img.permute(0, 2, 3, 1).float().clone(memory_format=torch.contiguous_format)
+        plans = patch_refine.refine(model, vae, positive, negative, img, m, ref, out, settings,
+                                    _attach_reference(patch_adapter))
+        grid = torch.stack([patch_refine.patch_grid_preview(img[i], m[i], plans[i])
+                            for i in range(img.shape[0])])
+        return io.NodeOutput(out, bchw_to_image(grid))
 
 
 class DownscaleForStage1(io.ComfyNode):

@@ -160,23 +160,24 @@ def _reference_tokens_latent(ref_latent, boxes, height, width, factor, context):
     return torch.cat(out)
 
 
-def refine_image(model, vae, positive, negative, image, mask, reference, s: RefineSettings, attach_reference,
+def refine_image(model, vae, positive, negative, image, mask, reference, out, s: RefineSettings, attach_reference,
                  progress: _Progress | None, first_id: int = 0):
-    """One image: image [1, 3, H, W], mask [1, 1, H, W] (1 = inpaint), reference [1, 3, h, w]. Returns the image
-    (outside the mask bit-identical) and the plan. ``attach_reference(model, latents, seed, ids)`` -> MODEL."""
+    """One image: image [1, 3, H, W] (any strides: a view of the IMAGE), mask [1, 1, H, W] (1 = inpaint), reference
+    [1, 3, h, w]. Writes the result into ``out`` ([H, W, 3], a copy of the image) inside the mask only; returns the
+    plan. ``attach_reference(model, latents, seed, ids)`` -> MODEL.
+
+    Nothing image-sized is allocated here: patches are cropped (and padded at the bottom/right edge) one at a time,
+    the canvas covers the union of the planned patches, and the composite is written in bands."""
     H, W = image.shape[-2:]
     f = latent_factor(vae)
-    pa.check_patch_settings(s.patch_size, s.overlap, f)
-    Hp, Wp = math.ceil(H / f) * f, math.ceil(W / f) * f
-    img = F.pad(image, (0, Wp - W, 0, Hp - H), mode="replicate") if (Hp, Wp) != (H, W) else image
-    msk = F.pad(mask, (0, Wp - W, 0, Hp - H)) if (Hp, Wp) != (H, W) else mask
-    plan = pa.plan_patches(msk[0, 0], s.patch_size, s.overlap, f)
+    plan = pa.plan_patches(mask[0, 0], s.patch_size, s.overlap, f)
     if not plan.selected:
-        return image, plan
+        return plan
+    Hp, Wp = plan.height, plan.width
     ref_latent = vae.encode(reference.movedim(1, -1)).float().cpu()
     inpaint_model = bool(getattr(model.model, "concat_keys", ()))
     batch = 1 if _has_area(positive) or _has_area(negative) else s.patch_batch
-    canvas = pa.PatchCanvas(3, Hp, Wp, s.overlap)
+    canvas = pa.PatchCanvas(3, Hp, Wp, s.overlap, pa.union_box(plan.selected))
     order = list(enumerate(plan.selected))
     for start in range(0, len(order), batch):
         mm.throw_exception_if_processing_interrupted()
@@ -185,9 +186,9 @@ def refine_image(model, vae, positive, negative, image, mask, reference, s: Refi
         boxes = [b for _, b in chunk]
         pixels, masks = [], []
         for b in boxes:
-            ys, xs = b.slices()
-            hole = msk[0, :, ys, xs]
-            filled = img[0, :, ys, xs] * (1 - hole) + pa.sample_reference(reference, b, H, W)[0].clamp(0, 1) * hole
+            hole = pa.crop_padded(mask, b, "constant")[0].float()
+            filled = (pa.crop_padded(image, b)[0].float() * (1 - hole)
+                      + pa.sample_reference(reference, b, H, W)[0].clamp(0, 1) * hole)
             pixels.append(canvas.read(b, filled))
             masks.append(hole)
         px, mk = torch.stack(pixels), torch.stack(masks)                      # [P, 3, h, w], [P, 1, h, w]
@@ -210,8 +211,8 @@ def refine_image(model, vae, positive, negative, image, mask, reference, s: Refi
         decoded = vae.decode(samples).movedim(-1, 1).float().cpu()
         for b, d in zip(boxes, decoded):
             canvas.add(b, d[:3, :b.h, :b.w])
-    out = canvas.composite(img[0], msk[0, 0])[None, :, :H, :W]
-    return out, plan
+    canvas.composite_into(out, image[0], mask[0, 0])
+    return plan
 
 
 def batches_in(plan, s: RefineSettings, positive, negative) -> int:
@@ -221,32 +222,23 @@ def batches_in(plan, s: RefineSettings, positive, negative) -> int:
     return math.ceil(len(plan.selected) / batch)
 
 
-def plan_only(image, mask, s: RefineSettings, factor: int):
-    H, W = image.shape[-2:]
-    Hp, Wp = math.ceil(H / factor) * factor, math.ceil(W / factor) * factor
-    msk = F.pad(mask, (0, Wp - W, 0, Hp - H)) if (Hp, Wp) != (H, W) else mask
-    return pa.plan_patches(msk[0, 0], s.patch_size, s.overlap, factor)
-
-
-def refine(model, vae, positive, negative, image, mask, reference, s: RefineSettings, attach_reference):
-    """image [B, 3, H, W], mask [B or 1, 1, H, W], reference [B or 1, 3, h, w] -> (images, plans)."""
+def refine(model, vae, positive, negative, image, mask, reference, out, s: RefineSettings, attach_reference):
+    """image [B, 3, H, W] (a view), mask [B, 1, H, W], reference [B or 1, 3, h, w]; ``out`` [B, H, W, 3] holds a
+    copy of the image and receives the results. Returns the plans."""
     f = latent_factor(vae)
     pa.check_patch_settings(s.patch_size, s.overlap, f)
     B = image.shape[0]
     reference = row_batch(reference, B, "reference")
     pa.check_reference_aspect(reference.shape[-2], reference.shape[-1], image.shape[-2], image.shape[-1])
-    plans = [plan_only(image[i:i + 1], mask[i:i + 1], s, f) for i in range(B)]
+    plans = [pa.plan_patches(mask[i, 0], s.patch_size, s.overlap, f) for i in range(B)]
     progress = _Progress(sum(batches_in(p, s, positive, negative) for p in plans) * s.steps)
-    outs, first = [], 0
-    for i in range(B):
-        if not plans[i].selected:
-            outs.append(image[i:i + 1])
-            continue
-        out, _ = refine_image(model, vae, positive, negative, image[i:i + 1], mask[i:i + 1], reference[i:i + 1], s,
-                              attach_reference, progress, first)
-        first += len(plans[i].selected)
-        outs.append(out)
-    return torch.cat(outs), plans
+    first = 0
+    for i, plan in enumerate(plans):
+        if plan.selected:
+            refine_image(model, vae, positive, negative, image[i:i + 1], mask[i:i + 1],
+                         reference[i:i + 1], out[i], s, attach_reference, progress, first)
+            first += len(plan.selected)
+    return plans
 
 
 # -- the preview -------------------------------------------------------------------------------------------------

@@ -2,11 +2,25 @@
 
 import pytest
 
+from pathlib import Path
+
+# The node contract of DESIGN.md: ids never change once released (workflows depend on them).
 REQUIRED_PACK_NODE_IDS = [
     "ConsistentInpaintASUKALoader",
     "ConsistentInpaintASUKAConditioning",
     "ConsistentInpaintHarmonizingDecoderLoader",
     "ConsistentInpaintHarmonizingDecode",
+    "ConsistentInpaintBranchLoader",
+    "ConsistentInpaintApplyBranch",
+    "ConsistentInpaintLARGenLoader",
+    "ConsistentInpaintApplySubjectAttention",
+    "ConsistentInpaintRefineNetLoader",
+    "ConsistentInpaintApplyRefineNet",
+    "ConsistentInpaintCropToMask",
+    "ConsistentInpaintPasteBack",
+    "ConsistentInpaintPatchAdapterLoader",
+    "ConsistentInpaintApplyDualContext",
+    "ConsistentInpaintHighResPatchRefine",
 ]
 
 
@@ -67,6 +81,12 @@ def test_pack_loads_like_comfyui_and_registers_required_nodes(comfy):
     missing = [n for n in REQUIRED_PACK_NODE_IDS if n not in registered]
     assert not missing, (f"pack loaded but these node ids are missing from nodes.NODE_CLASS_MAPPINGS: {missing}; "
                          f"the pack registered: {sorted(registered)}\n{log}")
+
+
+def test_every_pack_node_has_a_help_page(comfy):
+    docs = Path(__file__).resolve().parents[2] / "web" / "docs"
+    missing = [n for n in comfy.pack_node_ids if not (docs / f"{n}.md").is_file()]
+    assert comfy.pack_node_ids and not missing, f"nodes without web/docs/<id>.md: {missing}"
 
 
 def test_pack_does_not_monkeypatch_comfyui(comfy):

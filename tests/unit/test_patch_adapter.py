@@ -160,9 +160,67 @@ def test_plan_image_smaller_than_patch():
     assert plan.grid == plan.selected == (pa.PatchBox(0, 0, 24, 40),)
 
 
-def test_plan_refuses_unaligned_sizes():
-    with pytest.raises(ValueError, match="64x44"):
-        pa.plan_patches(torch.zeros(44, 64), 64, 16, 8)
+def test_plan_pads_unaligned_sizes_and_covers_the_last_row_and_column():
+    mask = torch.zeros(44, 61)
+    mask[43, 60] = 1
+    plan = pa.plan_patches(mask, 32, 8, 8)
+    assert (plan.height, plan.width) == (48, 64)
+    assert all(b.y0 + b.h <= 48 and b.x0 + b.w <= 64 for b in plan.grid)
+    assert _coverage(plan.selected, 48, 64)[43, 60] and plan.selected
+
+
+@pytest.mark.parametrize("dilate", [0, 8, 16, 24])
+def test_plan_on_cells_equals_a_pixel_dilation(dilate):
+    """With dilation a multiple of the alignment the plan tests 8x8 cells; that must equal dilating the pixels."""
+    torch.manual_seed(dilate)
+    H, W = 203, 317
+    for _ in range(5):
+        mask = torch.zeros(H, W)
+        for _ in range(3):
+            y, x = torch.randint(0, H, ()).item(), torch.randint(0, W, ()).item()
+            mask[y:y + torch.randint(1, 9, ()).item(), x:x + torch.randint(1, 9, ()).item()] = 0.3
+        plan = pa.plan_patches(mask, 64, 16, 8, dilate=dilate)
+        grown = F.max_pool2d(F.pad(mask, (0, plan.width - W, 0, plan.height - H))[None, None], 2 * dilate + 1,
+                             stride=1, padding=dilate)[0, 0] > 0
+        want = tuple(b for b in plan.grid if grown[b.y0:b.y0 + b.h, b.x0:b.x0 + b.w].any())
+        assert plan.selected == want
+
+
+def test_crop_padded_and_union_box():
+    t = torch.arange(2 * 5 * 7, dtype=torch.float32).reshape(1, 2, 5, 7)
+    inside = pa.crop_padded(t, pa.PatchBox(1, 2, 3, 4))
+    assert torch.equal(inside, t[..., 1:4, 2:6])
+    edge = pa.crop_padded(t, pa.PatchBox(2, 4, 8, 8))
+    assert edge.shape == (1, 2, 8, 8)
+    assert torch.equal(edge[..., :3, :3], t[..., 2:, 4:])
+    assert torch.equal(edge[..., 5, 7], t[..., 4, 6])                     # replicated corner
+    zero = pa.crop_padded(t, pa.PatchBox(2, 4, 8, 8), mode="constant")
+    assert zero[..., 3:, :].abs().sum() == 0 and zero[..., :, 3:].abs().sum() == 0
+    u = pa.union_box([pa.PatchBox(8, 16, 8, 8), pa.PatchBox(0, 24, 32, 8)])
+    assert u == pa.PatchBox(0, 16, 32, 16)
+
+
+def test_canvas_over_a_region_composites_like_the_whole_canvas():
+    torch.manual_seed(3)
+    H, W, ov = 192, 256, 16
+    mask = torch.zeros(H, W)
+    mask[90:110, 120:160] = torch.rand(20, 40) + 0.01
+    plan = pa.plan_patches(mask, 48, ov, 8)
+    region = pa.union_box(plan.selected)
+    assert region.h * region.w < H * W
+    whole, part = pa.PatchCanvas(3, H, W, ov), pa.PatchCanvas(3, H, W, ov, region)
+    for b in plan.selected:
+        px = torch.rand(3, b.h, b.w)
+        whole.add(b, px)
+        part.add(b, px)
+    image = torch.rand(3, H, W)
+    a = whole.composite(image, mask)
+    out = image.permute(1, 2, 0).clone()
+    part.composite_into(out, image, mask, band=7)
+    assert torch.allclose(out.permute(2, 0, 1), a, atol=1e-6)
+    assert torch.equal(out.permute(2, 0, 1)[:, mask == 0], image[:, mask == 0])
+    with pytest.raises(ValueError, match="outside the canvas region"):
+        part.add(pa.PatchBox(0, 0, 8, 8), torch.zeros(3, 8, 8))
 
 
 @pytest.mark.parametrize("transpose", [False, True])
