@@ -284,6 +284,9 @@ def test_highres_refine_at_2048(comfy, run_prompt, graph, files, calls, rect):
     assert (n <= 4) if rect[2] < PATCH else (n >= 20)
     _check_reference_fired(calls, n, files["sd15"], steps=2)
     assert grid.shape[0] == 1 and max(grid.shape[1:3]) == 1024 and grid.shape[-1] == 3
+    progress = [(e["value"], e["max"]) for e in res.events("progress") if e["node"] == node.id]
+    assert progress[-1] == (2 * n, 2 * n)                                  # every step of every patch
+    assert len({v for v, _ in progress}) == 2 * n
 
 
 def test_reference_patch_adapter_weights_take_over(comfy, run_prompt, graph, files, calls):
@@ -336,3 +339,32 @@ def test_bad_stage2_inputs(comfy, run_prompt, graph, files, kw, pattern):
     _stage2(graph, files, (900, 1000, 200, 150), **kw)
     with pytest.raises(Exception, match=pattern):
         run_prompt(graph)
+
+
+def test_conditioning_is_cropped_to_each_patch(comfy, comfy_models):
+    """ControlNet hints (a chain of two), area masks and areas are cut to the patch; the inpaint inputs are replaced."""
+    import comfy.controlnet
+    refine = _pack(comfy, "nodes.patch_refine")
+    pa = _pack(comfy, "models.patch_adapter")
+    path = comfy.folder_paths.get_full_path_or_raise("controlnet", comfy_models.sd15_controlnet(levels=1))
+    H, W = 512, 768
+    hint = torch.arange(H * W, dtype=torch.float32).reshape(1, 1, H, W).expand(1, 3, H, W) / (H * W)
+    first = comfy.controlnet.load_controlnet(path).copy().set_cond_hint(hint[..., ::2, ::2], 0.7)     # half-size hint
+    second = comfy.controlnet.load_controlnet(path).copy().set_cond_hint(hint, 0.5)
+    second.set_previous_controlnet(first)
+    area_mask = torch.zeros(1, H // 4, W // 4)
+    area_mask[:, 10:20, 30:40] = 1
+    cond = [[torch.zeros(1, 77, 768), {"control": second, "mask": area_mask, "concat_latent_image": torch.ones(1)}],
+            [torch.ones(1, 77, 768), {"area": (16, 16, 0, 0)}]]                      # 128x128 px at the top left
+    box = pa.PatchBox(128, 256, 256, 256)
+    out = refine.crop_conditioning(cond, [box], H, W, 8, {"concat_mask": torch.zeros(1)})
+    assert len(out) == 1                                                   # the area entry misses this patch
+    d = out[0][1]
+    assert "concat_latent_image" not in d and "concat_mask" in d
+    assert torch.equal(d["control"].cond_hint_original, hint[..., 128:384, 256:512])
+    assert d["control"].strength == 0.5 and d["control"].previous_controlnet.strength == 0.7
+    assert torch.equal(d["control"].previous_controlnet.cond_hint_original, hint[..., ::2, ::2][..., 64:192, 128:256])
+    assert torch.equal(d["mask"], area_mask[:, 32:96, 64:128])
+    assert second.cond_hint_original.shape[-1] == W and cond[0][1]["mask"] is area_mask      # inputs untouched
+    top_left = refine.crop_conditioning(cond, [pa.PatchBox(64, 64, 256, 256)], H, W, 8, None)
+    assert top_left[1][1]["area"] == (8, 8, 0, 0)                         # the part of the area inside the patch
