@@ -234,15 +234,8 @@ def mask_view_b1hw(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
 
 
 def mask_to_b1hw(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
-    """MASK [B,H,W] or [H,W] -> [B,1,H,W] float32 in [0,1], 1 = inpaint."""
-    if mask.ndim == 2:
-        mask = mask[None]
-    if mask.ndim == 4 and mask.shape[1] == 1:
-        mask = mask[:, 0]
-    if mask.ndim != 3:
-        raise ValueError(f"{name} must be a MASK [batch, height, width]; got shape {tuple(mask.shape)}")
-    check_finite(mask, name)
-    return mask.float().clamp(0, 1)[:, None]
+    """MASK [B,H,W] or [H,W] -> [B,1,H,W] float32 in [0,1], 1 = inpaint (a copy)."""
+    return mask_view_b1hw(mask, name).clone()
 
 
 def bchw_to_image(x: torch.Tensor) -> torch.Tensor:

@@ -99,13 +99,14 @@ def tiny_sdxl(comfy):
     class CITestTinySDXL:
         @classmethod
         def INPUT_TYPES(cls):
-            return {"required": {"seed": ("INT", {"default": 0})}}
+            return {"required": {"seed": ("INT", {"default": 0})},
+                    "optional": {"in_channels": ("INT", {"default": 4})}}
         RETURN_TYPES = ("MODEL",)
         FUNCTION = "run"
         CATEGORY = "testing"
 
-        def run(self, seed):
-            cfg = supported_models.SDXL(dict(SDXL_UNET))
+        def run(self, seed, in_channels=4):
+            cfg = supported_models.SDXL(dict(SDXL_UNET, in_channels=in_channels))     # 9: an inpaint model
             model = cfg.get_model({})
             g = torch.Generator().manual_seed(seed)
             with torch.no_grad():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from test_branch_graph import SDXL_UNET
+from test_branch_graph import SDXL_UNET, tiny_sdxl  # noqa: F401 (fixture)
 
 SIZE = 2048
 PATCH, OVERLAP = 256, 32
@@ -68,29 +68,10 @@ def files(comfy, comfy_models):
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl_inpaint(comfy):
-    """CITestTinySDXLInpaint: a comfy SDXL model object with a 9-channel input (so ComfyUI makes it an inpaint model:
-    concat mask + masked latent) at 64 channels and two levels, random weights."""
-    from comfy import model_management as mm, model_patcher, supported_models
-
-    class CITestTinySDXLInpaint:
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {"seed": ("INT", {"default": 0})}}
-        RETURN_TYPES = ("MODEL",)
-        FUNCTION = "run"
-        CATEGORY = "testing"
-
-        def run(self, seed):
-            model = supported_models.SDXL(dict(SDXL_UNET, in_channels=9)).get_model({})
-            g = torch.Generator().manual_seed(seed)
-            with torch.no_grad():
-                for p in model.diffusion_model.parameters():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-            return (model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device()),)
-
-    comfy.nodes.NODE_CLASS_MAPPINGS["CITestTinySDXLInpaint"] = CITestTinySDXLInpaint
-    return "CITestTinySDXLInpaint"
+def tiny_sdxl_inpaint(tiny_sdxl):
+    """(node, inputs) of a comfy SDXL model object with a 9-channel input (ComfyUI makes it an inpaint model: concat
+    mask + masked latent) at 64 channels and two levels, random weights."""
+    return tiny_sdxl, {"seed": 0, "in_channels": 9}
 
 
 @pytest.fixture
@@ -148,7 +129,7 @@ def _stage1(g, files, *, adapter="pa_sd15.safetensors", strength=1.0, start=0.0,
             size=128, rect=(32, 40, 48, 40), dual=True):
     vae = g.node("VAELoader", vae_name=files["vae"])
     if sdxl:
-        model = g.node(sdxl, seed=0).out(0)
+        model = g.node(sdxl[0], **sdxl[1]).out(0)
         pos, neg = _cond(g, 2048, 1280)
     else:
         model = g.node("CheckpointLoaderSimple", ckpt_name=files["ckpt"]).out(0)
@@ -343,14 +324,14 @@ def test_bad_stage2_inputs(comfy, run_prompt, graph, files, kw, pattern):
 
 def test_conditioning_is_cropped_to_each_patch(comfy, comfy_models):
     """ControlNet hints (a chain of two), area masks and areas are cut to the patch; the inpaint inputs are replaced."""
-    import comfy.controlnet
+    from comfy.controlnet import load_controlnet
     refine = _pack(comfy, "nodes.patch_refine")
     pa = _pack(comfy, "models.patch_adapter")
     path = comfy.folder_paths.get_full_path_or_raise("controlnet", comfy_models.sd15_controlnet(levels=1))
     H, W = 512, 768
     hint = torch.arange(H * W, dtype=torch.float32).reshape(1, 1, H, W).expand(1, 3, H, W) / (H * W)
-    first = comfy.controlnet.load_controlnet(path).copy().set_cond_hint(hint[..., ::2, ::2], 0.7)     # half-size hint
-    second = comfy.controlnet.load_controlnet(path).copy().set_cond_hint(hint, 0.5)
+    first = load_controlnet(path).copy().set_cond_hint(hint[..., ::2, ::2], 0.7)     # half-size hint
+    second = load_controlnet(path).copy().set_cond_hint(hint, 0.5)
     second.set_previous_controlnet(first)
     area_mask = torch.zeros(1, H // 4, W // 4)
     area_mask[:, 10:20, 30:40] = 1

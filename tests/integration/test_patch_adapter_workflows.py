@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_patch_adapter_graph import files, tiny_sdxl_inpaint  # noqa: F401 (fixtures)
+from test_patch_adapter_graph import files, tiny_sdxl, tiny_sdxl_inpaint  # noqa: F401 (fixtures)
 from test_workflows_load import _to_api
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
@@ -68,7 +68,7 @@ def test_shipped_workflow_runs_and_keeps_every_pixel_outside_the_mask(
             node.update(class_type="CITestCheckpointWithVAE",
                         inputs={"ckpt_name": "" if sdxl else files["ckpt"], "vae_name": files["vae"]})
         elif ct == "UNETLoader":
-            node.update(class_type=tiny_sdxl_inpaint, inputs={"seed": 0})
+            node.update(class_type=tiny_sdxl_inpaint[0], inputs=dict(tiny_sdxl_inpaint[1]))
         elif ct == "CLIPTextEncode" and sdxl:
             node.update(class_type="CITestRandomConditioning",
                         inputs=dict(tokens=8, dim=2048, pooled_dim=1280, seed=int(key), scale=1.0))
