@@ -348,6 +348,8 @@ class PatchCanvas:
         strides). Works in bands of rows, so temporaries stay small at 4K."""
         H, W = mask.shape[-2:]
         r = self.region
+        if int((mask > 0).sum()) != int((mask[r.y0:r.y0 + r.h, r.x0:r.x0 + r.w] > 0).sum()):
+            raise RuntimeError("patch plan left masked pixels uncovered (outside every planned patch)")
         for y in range(r.y0, min(r.y0 + r.h, H), band):
             y1 = min(y + band, r.y0 + r.h, H)
             x1 = min(r.x0 + r.w, W)
@@ -365,11 +367,8 @@ class PatchCanvas:
 
     def composite(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """image [C, H, W] with the blend laid in where ``mask`` ([H, W], soft) > 0; outside it image is untouched."""
-        mask = mask.reshape(mask.shape[-2:])
-        if bool(((mask > 0) & ~self.covered()[:mask.shape[0], :mask.shape[1]]).any()):
-            raise RuntimeError("patch plan left masked pixels uncovered")
         out = image.permute(1, 2, 0).clone()
-        self.composite_into(out, image, mask)
+        self.composite_into(out, image, mask.reshape(mask.shape[-2:]))
         return out.permute(2, 0, 1)
 
 

@@ -36,9 +36,9 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequenti
 from ..models import branch_layouts, powerpaint_tasks
 from ..models.weights import build_from_state_dict, load_weights, tensor_dict
 from .branch_unet import BranchNet
-from .common import (Precision, RunState, check_finite, check_percent_range, image_to_bchw, mask_to_b1hw,
-                     match_image_mask, model_files, model_path, moved, percent_inputs, resolve_dtype, run_scope,
-                     run_state, sigma_range, wrap_patcher)
+from .common import (Precision, RunState, check_finite, check_percent_range, image_to_bchw, in_sigma_range,
+                     mask_to_b1hw, match_image_mask, model_files, model_path, moved, percent_inputs, resolve_dtype,
+                     run_scope, run_state, sigma_range, wrap_patcher)
 
 log = logging.getLogger(__name__)
 CATEGORY = "inpaint/consistent/branch"
@@ -165,10 +165,7 @@ class BranchPatch:
 
     # - the wrapper: run the branch, pass the residuals down -
     def active(self, transformer_options) -> bool:
-        if self.scale == 0:
-            return False
-        sigmas = transformer_options.get("sigmas")
-        return sigmas is None or self.sigma_end <= float(sigmas.max()) <= self.sigma_start
+        return self.scale != 0 and in_sigma_range(transformer_options, self.sigma_start, self.sigma_end)
 
     def wrapper(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         if not self.active(transformer_options):

@@ -161,6 +161,33 @@ def site_of(extra) -> tuple | None:
     return None if block is None else (block[0], block[1], extra.get("block_index", 0))
 
 
+class SiteReplace:
+    """An attention replace at one site: the attention already there (ComfyUI's, or the replace another node put
+    there first, e.g. an IPAdapter) passed through ``combine(out, q, k, v, site, extra)``. Immutable."""
+
+    def __init__(self, combine: Callable, site, previous):
+        self.combine, self.site, self.previous = combine, site, previous
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, q, k, v, extra_options):
+        if self.previous is not None:
+            out = self.previous(q, k, v, extra_options)
+        else:
+            out = attention(q, k, v, extra_options["n_heads"], extra_options)
+        return self.combine(out, q, k, v, self.site, extra_options)
+
+
+def add_site_replaces(m, attn: str, sites, combine: Callable) -> None:
+    """Put a SiteReplace on ``attn`` ("attn1" / "attn2") at every site of the cloned MODEL ``m``, keeping the replace
+    found there (site-keyed, else block-keyed) as the one it extends."""
+    replaces = m.model_options["transformer_options"].get("patches_replace", {}).get(attn, {})
+    setter = m.set_model_attn1_replace if attn == "attn1" else m.set_model_attn2_replace
+    for site in sites:
+        setter(SiteReplace(combine, site, replaces.get(site, replaces.get(site[:2]))), *site)
+
+
 def row_batch(t: torch.Tensor, rows: int, what: str) -> torch.Tensor:
     """``t`` with ``rows`` rows: as is, or one row broadcast; anything else is the user's batch mismatch."""
     if t.shape[0] == rows:
@@ -184,6 +211,13 @@ def check_percent_range(start_percent: float, end_percent: float):
     if start_percent > end_percent:
         return f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})"
     return True
+
+
+def in_sigma_range(transformer_options, sigma_start: float, sigma_end: float) -> bool:
+    """Whether the model call these transformer options belong to lies in the patch's range (end <= sigma <= start).
+    Read once per model call by a wrapper, never inside attention (reading sigma there stalls the GPU)."""
+    sigmas = transformer_options.get("sigmas")
+    return sigmas is None or sigma_end <= float(sigmas.max()) <= sigma_start
 
 
 def sigma_range(model, start_percent: float, end_percent: float) -> tuple[float, float]:

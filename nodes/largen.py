@@ -34,10 +34,10 @@ import comfy.patcher_extension
 from ..models import largen, zoom
 from ..models.weights import CheckpointFormatError, build_from_state_dict, load_weights, strip_prefix, tensor_dict
 from .branch_unet import RefineNet, set_transformer_norm_eps, transformer_sites
-from .common import (Precision, RunState, StepNoise, attention, bchw_to_image, check_finite, check_percent_range,
-                     comfy_build_kwargs,
-                     image_to_bchw, mask_to_b1hw, match_image_mask, model_files, model_path, moved, once_per_run,
-                     percent_inputs, resolve_dtype, row_batch, run_scope, run_state, sigma_range, wrap_patcher)
+from .common import (Precision, RunState, StepNoise, add_site_replaces, attention, bchw_to_image, check_finite,
+                     check_percent_range, comfy_build_kwargs, image_to_bchw, in_sigma_range, mask_to_b1hw,
+                     match_image_mask, model_files, model_path, moved, once_per_run, percent_inputs, resolve_dtype,
+                     row_batch, run_scope, run_state, sigma_range, wrap_patcher)
 
 log = logging.getLogger(__name__)
 CATEGORY = "inpaint/consistent/LAR-Gen"
@@ -243,10 +243,7 @@ class SubjectPatch:
         return self
 
     def active(self, transformer_options) -> bool:
-        if self.weight == 0:
-            return False
-        sigmas = transformer_options.get("sigmas")
-        return sigmas is None or self.sigma_end <= float(sigmas.max()) <= self.sigma_start
+        return self.weight != 0 and in_sigma_range(transformer_options, self.sigma_start, self.sigma_end)
 
     def wrapper(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         """Once per model call (not in each of the 70 attention calls, where reading sigma would stall the GPU):
@@ -273,7 +270,7 @@ class SubjectPatch:
             return m.repeat(len(chunks), 1, 1).to(device, dtype)
         return once_per_run(run, ("region", h, w, tuple(chunks), rows, device, dtype), build)
 
-    def add_subject(self, text_out, q, site, extra):
+    def add_subject(self, text_out, q, k, v, site, extra):
         if not extra.get(self.key):
             return text_out
         chunks = extra.get("cond_or_uncond") or [0]
@@ -288,31 +285,10 @@ class SubjectPatch:
 
     def attach(self, model):
         m = model.clone()
-        replaces = m.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
-        for site in self.kv:
-            previous = replaces.get(site, replaces.get(site[:2]))
-            m.set_model_attn2_replace(SiteAttention(self, site, previous), *site)
+        add_site_replaces(m, "attn2", self.kv, self.add_subject)
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, self.key, self.wrapper)
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key, run_scope(self.key, RunState))
         return m
-
-
-class SiteAttention:
-    """The attn2 replace at one site: the text attention (ComfyUI's, or the replace found there before) plus the
-    subject term."""
-
-    def __init__(self, patch: SubjectPatch, site, previous):
-        self.patch, self.site, self.previous = patch, site, previous
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __call__(self, q, k, v, extra_options):
-        if self.previous is not None:
-            text = self.previous(q, k, v, extra_options)
-        else:
-            text = attention(q, k, v, extra_options["n_heads"], extra_options)
-        return self.patch.add_subject(text, q, self.site, extra_options)
 
 
 def model_sites(model) -> dict:

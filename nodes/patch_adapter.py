@@ -37,10 +37,10 @@ from ..models.largen import latent_grid, site_name
 from ..models.weights import build_from_state_dict, load_weights, safetensors_metadata, tensor_dict
 from . import patch_refine
 from .branch_unet import transformer_sites
-from .common import (Precision, RunState, StepNoise, attention, bchw_to_image, check_percent_range, comfy_build_kwargs,
-                     image_to_bchw, image_view_bchw, mask_view_b1hw, mask_to_b1hw, match_image_mask, model_files, model_path, moved, once_per_run,
-                     percent_inputs, resolve_dtype, row_batch, run_scope, run_state, sigma_range, site_of,
-                     wrap_patcher)
+from .common import (Precision, RunState, StepNoise, add_site_replaces, attention, bchw_to_image, check_percent_range,
+                     comfy_build_kwargs, image_to_bchw, image_view_bchw, in_sigma_range, mask_to_b1hw, mask_view_b1hw,
+                     match_image_mask, model_files, model_path, once_per_run, percent_inputs, resolve_dtype, row_batch,
+                     run_scope, run_state, sigma_range, site_of, wrap_patcher)
 
 log = logging.getLogger(__name__)
 CATEGORY = "inpaint/consistent/Patch-Adapter"
@@ -125,8 +125,7 @@ class DualContextPatch:
 
     def wrapper(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         """Once per model call: whether the adapter acts in this step (no sigma read inside attention)."""
-        sigmas = transformer_options.get("sigmas")
-        if sigmas is None or self.sigma_end <= float(sigmas.max()) <= self.sigma_start:
+        if in_sigma_range(transformer_options, self.sigma_start, self.sigma_end):
             transformer_options = {**transformer_options, self.key: True}
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
@@ -150,6 +149,10 @@ class DualContextPatch:
             return known.repeat(len(chunks), 1, 1).to(device, dtype)
         return once_per_run(run_state(self.key), ("known", h, w, tuple(chunks), rows, device, dtype), build)
 
+    def combine(self, out, q, k, v, site, extra):
+        term = self.term(q, k, v, site, extra)
+        return out if term is None else out + term.to(out.dtype)
+
     def term(self, q, k, v, site, extra):
         """strength · Z'' for this call, or None when the adapter is not acting."""
         if not extra.get(self.key):
@@ -168,39 +171,13 @@ class DualContextPatch:
 
     def attach(self, model):
         m = model.clone()
-        replaces = m.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
-        for site in self.adapter.dca:
-            previous = replaces.get(site, replaces.get(site[:2]))
-            m.set_model_attn2_replace(DualContextSite(self, site, previous), *site)
+        add_site_replaces(m, "attn2", self.adapter.dca, self.combine)
         m.set_model_attn2_patch(self.keep_input)
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, self.key, self.wrapper)
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key,
                                run_scope(self.key, RunState))
         m.set_additional_models(self.key, [self.adapter.patcher])
         return m
-
-
-class _Site:
-    """An attention replace at one site: the attention already there (ComfyUI's, or another node's replace) plus
-    the patch's term."""
-
-    def __init__(self, patch, site, previous):
-        self.patch, self.site, self.previous = patch, site, previous
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def base(self, q, k, v, extra):
-        if self.previous is not None:
-            return self.previous(q, k, v, extra)
-        return attention(q, k, v, extra["n_heads"], extra)
-
-
-class DualContextSite(_Site):
-    def __call__(self, q, k, v, extra_options):
-        out = self.base(q, k, v, extra_options)
-        term = self.patch.term(q, k, v, self.site, extra_options)
-        return out if term is None else out + term.to(out.dtype)
 
 
 # -- stage 2: reference attention inside each patch -------------------------------------------------------------
@@ -242,10 +219,13 @@ class ReferencePatch:
         sigma = t[:1].float()
         noise = (run.step(float(sigma), self.latent.shape) if run is not None else
                  torch.randn(self.latent.shape, generator=torch.Generator().manual_seed(self.seed)))
-        lat = moved(run, "latent", base.process_latent_in(self.latent), x.device, torch.float32)
+        lat = once_per_run(run, ("latent", x.device),
+                           lambda: base.process_latent_in(self.latent).to(x.device, torch.float32))
         noisy = base.model_sampling.noise_scaling(sigma.reshape(1, 1, 1, 1), noise.to(x.device), lat)
         noisy = noisy.repeat(len(chunks), 1, 1, 1).to(x.dtype)
-        concat = None if c_concat is None else _reference_concat(base.concat_keys, lat).repeat(len(chunks), 1, 1, 1)
+        concat = None if c_concat is None else once_per_run(
+            run, ("concat", x.device, len(chunks)),
+            lambda: _reference_concat(base.concat_keys, lat).repeat(len(chunks), 1, 1, 1))
         tokens = {}
         executor(noisy, t, concat, c_crossattn, None, {**transformer_options, self.key: ("record", tokens)}, **kwargs)
         return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, self.key: ("read", tokens)},
@@ -265,6 +245,10 @@ class ReferencePatch:
             return pa.extend_with_reference(n, context, value, tokens[site])
         return n, context, value
 
+    def combine(self, out, q, k, v, site, extra):
+        term = self.term(q, site, extra)
+        return out if term is None else out + term.to(out.dtype)
+
     def term(self, q, site, extra):
         state = extra.get(self.key)
         if state is None or state[0] != "read" or site not in state[1]:
@@ -282,18 +266,9 @@ class ReferencePatch:
                                run_scope(self.key, lambda: StepNoise(self.seed)))
         m.set_model_attn1_patch(self.self_attention)
         if self.adapter is not None:
-            replaces = m.model_options["transformer_options"].get("patches_replace", {}).get("attn1", {})
-            for site in self.adapter.rpa:
-                m.set_model_attn1_replace(ReferenceSite(self, site, replaces.get(site, replaces.get(site[:2]))), *site)
+            add_site_replaces(m, "attn1", self.adapter.rpa, self.combine)
             m.set_additional_models(self.key, [self.adapter.patcher])
         return m
-
-
-class ReferenceSite(_Site):
-    def __call__(self, q, k, v, extra_options):
-        out = self.base(q, k, v, extra_options)
-        term = self.patch.term(q, self.site, extra_options)
-        return out if term is None else out + term.to(out.dtype)
 
 
 # -- nodes ------------------------------------------------------------------------------------------------

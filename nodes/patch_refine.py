@@ -56,8 +56,9 @@ def _crop_plane(t: torch.Tensor, boxes, height: int, width: int) -> torch.Tensor
     th, tw = t.shape[-2:]
     out = []
     for i, b in enumerate(boxes):
-        y0, y1 = math.floor(b.y0 * th / height), max(math.floor(b.y0 * th / height) + 1, math.ceil((b.y0 + b.h) * th / height))
-        x0, x1 = math.floor(b.x0 * tw / width), max(math.floor(b.x0 * tw / width) + 1, math.ceil((b.x0 + b.w) * tw / width))
+        y0, x0 = math.floor(b.y0 * th / height), math.floor(b.x0 * tw / width)
+        y1 = max(y0 + 1, math.ceil((b.y0 + b.h) * th / height))
+        x1 = max(x0 + 1, math.ceil((b.x0 + b.w) * tw / width))
         row = t[i:i + 1] if t.shape[0] == len(boxes) else t[:1]
         out.append(row[..., min(y0, th - 1):min(y1, th), min(x0, tw - 1):min(x1, tw)])
     sizes = {tuple(o.shape[-2:]) for o in out}
@@ -160,23 +161,19 @@ def _reference_tokens_latent(ref_latent, boxes, height, width, factor, context):
     return torch.cat(out)
 
 
-def refine_image(model, vae, positive, negative, image, mask, reference, out, s: RefineSettings, attach_reference,
-                 progress: _Progress | None, first_id: int = 0):
+def refine_image(model, vae, positive, negative, image, mask, reference, out, plan: pa.PatchPlan, batch: int,
+                 s: RefineSettings, attach_reference, progress: _Progress | None, first_id: int = 0) -> None:
     """One image: image [1, 3, H, W] (any strides: a view of the IMAGE), mask [1, 1, H, W] (1 = inpaint), reference
-    [1, 3, h, w]. Writes the result into ``out`` ([H, W, 3], a copy of the image) inside the mask only; returns the
-    plan. ``attach_reference(model, latents, seed, ids)`` -> MODEL.
+    [1, 3, h, w], its ``plan``; ``batch`` patches per sampling call. Writes the result into ``out`` ([H, W, 3], a copy
+    of the image) inside the mask only. ``attach_reference(model, latents, seed, ids)`` -> MODEL.
 
     Nothing image-sized is allocated here: patches are cropped (and padded at the bottom/right edge) one at a time,
     the canvas covers the union of the planned patches, and the composite is written in bands."""
     H, W = image.shape[-2:]
     f = latent_factor(vae)
-    plan = pa.plan_patches(mask[0, 0], s.patch_size, s.overlap, f)
-    if not plan.selected:
-        return plan
     Hp, Wp = plan.height, plan.width
     ref_latent = vae.encode(reference.movedim(1, -1)).float().cpu()
     inpaint_model = bool(getattr(model.model, "concat_keys", ()))
-    batch = 1 if _has_area(positive) or _has_area(negative) else s.patch_batch
     canvas = pa.PatchCanvas(3, Hp, Wp, s.overlap, pa.union_box(plan.selected))
     order = list(enumerate(plan.selected))
     for start in range(0, len(order), batch):
@@ -192,11 +189,13 @@ def refine_image(model, vae, positive, negative, image, mask, reference, out, s:
             pixels.append(canvas.read(b, filled))
             masks.append(hole)
         px, mk = torch.stack(pixels), torch.stack(masks)                      # [P, 3, h, w], [P, 1, h, w]
-        latent = vae.encode(px.movedim(1, -1))
         extra = None
-        if inpaint_model:
+        if inpaint_model:                       # one VAE call for the patch and its greyed-hole copy
             grey = (px - 0.5) * (1 - mk.round()) + 0.5
-            extra = {"concat_latent_image": vae.encode(grey.movedim(1, -1)), "concat_mask": mk}
+            latent, concat = vae.encode(torch.cat([px, grey]).movedim(1, -1)).split(len(boxes))
+            extra = {"concat_latent_image": concat, "concat_mask": mk}
+        else:
+            latent = vae.encode(px.movedim(1, -1))
         pos = crop_conditioning(positive, boxes, Hp, Wp, f, extra)
         neg = crop_conditioning(negative, boxes, Hp, Wp, f, extra)
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
@@ -212,14 +211,6 @@ def refine_image(model, vae, positive, negative, image, mask, reference, out, s:
         for b, d in zip(boxes, decoded):
             canvas.add(b, d[:3, :b.h, :b.w])
     canvas.composite_into(out, image[0], mask[0, 0])
-    return plan
-
-
-def batches_in(plan, s: RefineSettings, positive, negative) -> int:
-    if plan is None or not plan.selected:
-        return 0
-    batch = 1 if _has_area(positive) or _has_area(negative) else s.patch_batch
-    return math.ceil(len(plan.selected) / batch)
 
 
 def refine(model, vae, positive, negative, image, mask, reference, out, s: RefineSettings, attach_reference):
@@ -231,12 +222,13 @@ def refine(model, vae, positive, negative, image, mask, reference, out, s: Refin
     reference = row_batch(reference, B, "reference")
     pa.check_reference_aspect(reference.shape[-2], reference.shape[-1], image.shape[-2], image.shape[-1])
     plans = [pa.plan_patches(mask[i, 0], s.patch_size, s.overlap, f) for i in range(B)]
-    progress = _Progress(sum(batches_in(p, s, positive, negative) for p in plans) * s.steps)
+    batch = 1 if _has_area(positive) or _has_area(negative) else s.patch_batch     # an area crop is per patch
+    progress = _Progress(sum(math.ceil(len(p.selected) / batch) for p in plans) * s.steps)
     first = 0
     for i, plan in enumerate(plans):
         if plan.selected:
-            refine_image(model, vae, positive, negative, image[i:i + 1], mask[i:i + 1],
-                         reference[i:i + 1], out[i], s, attach_reference, progress, first)
+            refine_image(model, vae, positive, negative, image[i:i + 1], mask[i:i + 1], reference[i:i + 1], out[i],
+                         plan, batch, s, attach_reference, progress, first)
             first += len(plan.selected)
     return plans
 

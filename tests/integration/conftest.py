@@ -872,6 +872,34 @@ def model_node(comfy):
 
 
 @pytest.fixture(scope="session")
+def checkpoint_with_vae(comfy):
+    """CITestCheckpointWithVAE: a checkpoint's MODEL and CLIP with a VAE file of the harness (ckpt_name "": only
+    the VAE, for workflows whose checkpoint ComfyUI cannot load in its shallow test form, e.g. SDXL)."""
+    session = comfy
+    from comfy.sd import VAE, load_checkpoint_guess_config
+    from comfy.utils import load_torch_file
+
+    class CITestCheckpointWithVAE:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"ckpt_name": ("STRING", {"default": ""}), "vae_name": ("STRING", {"default": ""})}}
+        RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+        FUNCTION = "run"
+        CATEGORY = "testing"
+
+        def run(self, ckpt_name, vae_name):
+            vae = VAE(sd=load_torch_file(session.folder_paths.get_full_path_or_raise("vae", vae_name)))
+            if not ckpt_name:
+                return None, None, vae
+            out = load_checkpoint_guess_config(session.folder_paths.get_full_path_or_raise("checkpoints", ckpt_name),
+                                               output_vae=False, output_clip=True)
+            return out[0], out[1], vae
+
+    session.nodes.NODE_CLASS_MAPPINGS["CITestCheckpointWithVAE"] = CITestCheckpointWithVAE
+    return "CITestCheckpointWithVAE"
+
+
+@pytest.fixture(scope="session")
 def comfy_models(comfy) -> ModelFactory:
     cache = os.environ.get(ENV_CACHE) or os.path.join(tempfile.gettempdir(), "consistent_inpaint_test_cache")
     return ModelFactory(comfy, Path(cache))

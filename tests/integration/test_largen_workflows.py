@@ -33,36 +33,15 @@ def pictures(comfy):
     return scene
 
 
-@pytest.fixture(scope="module")
-def vae_only_loader(comfy):
-    session = comfy
-    from comfy.sd import VAE
-    from comfy.utils import load_torch_file
-
-    class CITestVAEOnlyCheckpoint:
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {"vae_name": ("STRING", {"default": ""})}}
-        RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-        FUNCTION = "run"
-        CATEGORY = "testing"
-
-        def run(self, vae_name):
-            path = session.folder_paths.get_full_path_or_raise("vae", vae_name)
-            return None, None, VAE(sd=load_torch_file(path))
-
-    session.nodes.NODE_CLASS_MAPPINGS["CITestVAEOnlyCheckpoint"] = CITestVAEOnlyCheckpoint
-
-
 @pytest.mark.parametrize("name", ["largen_text_subject_inpaint_sdxl.json", "largen_subject_inpaint_sdxl.json"])
 def test_shipped_workflow_runs_and_keeps_every_pixel_outside_the_mask(
-        comfy, run_prompt, largen_files, clip_vision_node, vae_name, pictures, vae_only_loader, name):
+        comfy, run_prompt, largen_files, clip_vision_node, vae_name, pictures, checkpoint_with_vae, name):
     prompt = _to_api(json.loads((WORKFLOWS / name).read_text()), comfy.nodes.NODE_CLASS_MAPPINGS)
     images = iter(["ci_largen_scene.png", "ci_largen_subject.png"])
     for key, node in sorted(prompt.items(), key=lambda kv: int(kv[0])):
         ct, inputs = node["class_type"], node["inputs"]
         if ct == "CheckpointLoaderSimple":
-            node.update(class_type="CITestVAEOnlyCheckpoint", inputs={"vae_name": vae_name})
+            node.update(class_type=checkpoint_with_vae, inputs={"ckpt_name": "", "vae_name": vae_name})
         elif ct == "CLIPTextEncode":
             node.update(class_type="CITestRandomConditioning",
                         inputs=dict(tokens=8, dim=2048, pooled_dim=1280, seed=int(key), scale=1.0))

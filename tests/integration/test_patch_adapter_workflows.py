@@ -28,32 +28,6 @@ def photo(comfy):
     return pic
 
 
-@pytest.fixture(scope="module")
-def checkpoint_with_vae(comfy):
-    """CITestCheckpointWithVAE: a checkpoint's MODEL and CLIP (or none) with the harness's fast VAE."""
-    session = comfy
-    from comfy.sd import VAE, load_checkpoint_guess_config
-    from comfy.utils import load_torch_file
-
-    class CITestCheckpointWithVAE:
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {"ckpt_name": ("STRING", {"default": ""}), "vae_name": ("STRING", {"default": ""})}}
-        RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-        FUNCTION = "run"
-        CATEGORY = "testing"
-
-        def run(self, ckpt_name, vae_name):
-            vae = VAE(sd=load_torch_file(session.folder_paths.get_full_path_or_raise("vae", vae_name)))
-            if not ckpt_name:
-                return None, None, vae
-            out = load_checkpoint_guess_config(session.folder_paths.get_full_path_or_raise("checkpoints", ckpt_name),
-                                               output_vae=False, output_clip=True)
-            return out[0], out[1], vae
-
-    session.nodes.NODE_CLASS_MAPPINGS["CITestCheckpointWithVAE"] = CITestCheckpointWithVAE
-
-
 @pytest.mark.parametrize("name", ["patch_adapter_4k_sd15_inpaint.json", "patch_adapter_4k_sdxl_inpaint.json"])
 def test_shipped_workflow_runs_and_keeps_every_pixel_outside_the_mask(
         comfy, run_prompt, files, tiny_sdxl_inpaint, photo, checkpoint_with_vae, name):
@@ -65,7 +39,7 @@ def test_shipped_workflow_runs_and_keeps_every_pixel_outside_the_mask(
     for key, node in sorted(prompt.items(), key=lambda kv: int(kv[0])):
         ct, inputs = node["class_type"], node["inputs"]
         if ct == "CheckpointLoaderSimple":
-            node.update(class_type="CITestCheckpointWithVAE",
+            node.update(class_type=checkpoint_with_vae,
                         inputs={"ckpt_name": "" if sdxl else files["ckpt"], "vae_name": files["vae"]})
         elif ct == "UNETLoader":
             node.update(class_type=tiny_sdxl_inpaint[0], inputs=dict(tiny_sdxl_inpaint[1]))

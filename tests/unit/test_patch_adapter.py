@@ -221,6 +221,10 @@ def test_canvas_over_a_region_composites_like_the_whole_canvas():
     assert torch.equal(out.permute(2, 0, 1)[:, mask == 0], image[:, mask == 0])
     with pytest.raises(ValueError, match="outside the canvas region"):
         part.add(pa.PatchBox(0, 0, 8, 8), torch.zeros(3, 8, 8))
+    stray = mask.clone()
+    stray[0, 0] = 1                                                # a masked pixel no planned patch covers
+    with pytest.raises(RuntimeError, match="uncovered"):
+        part.composite_into(image.permute(1, 2, 0).clone(), image, stray)
 
 
 @pytest.mark.parametrize("transpose", [False, True])
