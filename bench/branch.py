@@ -99,6 +99,22 @@ def sample_seconds(model, positive, negative, latent, steps: int) -> float:
     return time.perf_counter() - t
 
 
+def calls_per_step(model, positive, negative, latent) -> list[int]:
+    """Rows of each UNet call in one euler step (ComfyUI batches cond and uncond in one call when it thinks memory
+    allows, else it splits them, which is a different, slower measurement)."""
+    import comfy.patcher_extension
+    rows = []
+
+    def count(executor, x, *args, **kwargs):
+        rows.append(x.shape[0])
+        return executor(x, *args, **kwargs)
+
+    m = model.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "bench_calls", count)
+    sample_seconds(m, positive, negative, latent, 1)
+    return rows
+
+
 def step_times(models, positive, negative, latent, n: int, repeats: int) -> list[float]:
     """Seconds per step for each model: runs of 1 and 1 + n steps, the models interleaved so that machine
     noise hits them alike; the fastest of ``repeats`` rounds counts."""

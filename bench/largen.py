@@ -7,11 +7,13 @@ Attention attaches; the CLIP / resampler work happens once per graph, not per st
 (SDXL copy, 4-channel input) with a 257-token context (what Apply RefineNet attaches). Sampling goes through
 ComfyUI's sampler (euler, cfg 5: every step is a cond+uncond batch); step time = (T(1 + n steps) - T(1 step)) / n.
 
-``--weights bfloat16`` stores the UNet and the RefineNet in bfloat16 and computes in float32 (ComfyUI's manual cast):
-two float32 SDXL UNets (20.6 GB) do not fit a 24 GB machine beside the activations.
+Weights are float32 by default (two float32 SDXL UNets, 20.6 GB, fit a 24 GB machine at 512²: 21.4 GB peak).
+``--weights bfloat16`` stores the UNet and the RefineNet in bfloat16 and computes in float32 (ComfyUI's manual cast);
+that cast of every weight on every call is a CPU-only cost (a GPU computes in the half-precision dtype itself) and
+weighs more on the one-row RefineNet pass than on the two-row UNet pass.
 
 Usage: COMFYUI_PATH=/path/to/ComfyUI python bench/largen.py [--cases subject refinenet] [--size 512]
-       [--weights float32|bfloat16]
+       [--weights float32|bfloat16] [--breakdown]
 Run it alone: on a 2-core machine anything running beside it makes the ratios noise.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from branch import SDXL, import_comfy, import_pack, step_times  # noqa: E402
+from branch import SDXL, calls_per_step, import_comfy, import_pack, step_times  # noqa: E402
 
 
 def lar_gen_unet(weight_dtype):
@@ -68,6 +70,36 @@ def refine_patch(largen, size, sampling, weight_dtype):
                               _full_range(sampling), 0)
 
 
+def breakdown(model, patched, net, positive, negative, latent, steps: int = 3):
+    """Where a sampling step's time goes, in seconds per step: the whole sample, the UNet calls, and (patched) the
+    RefineNet passes, timed inside ComfyUI's sampler (a wrapper around the UNet call, hooks on the RefineNet)."""
+    import time
+
+    import comfy.patcher_extension
+    from branch import sample_seconds
+    rows = []
+    for m in (model, patched):
+        unet, ref = [], []
+
+        def timed(executor, *args, **kwargs):
+            t = time.perf_counter()
+            out = executor(*args, **kwargs)
+            unet.append(time.perf_counter() - t)
+            return out
+
+        c = m.clone()          # added after the RefineNet's wrapper, so it times the UNet call alone
+        c.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "bench_time", timed)
+        hooks = [net.register_forward_pre_hook(lambda *a: ref.append(-time.perf_counter())),
+                 net.register_forward_hook(lambda *a: ref.__setitem__(-1, ref[-1] + time.perf_counter()))]
+        total = sample_seconds(c, positive, negative, latent, steps)
+        for h in hooks:
+            h.remove()
+        rows.append((total / steps, sum(unet) / steps, sum(ref) / steps, len(unet) / steps))
+    print(f"{'per step (s)':>20} {'sample':>8} {'UNet':>8} {'RefineNet':>10} {'other':>8} {'UNet calls':>10}")
+    for name, (total, u, r, n) in zip(("plain", "RefineNet"), rows):
+        print(f"{name:>20} {total:>8.2f} {u:>8.2f} {r:>10.2f} {total - u - r:>8.2f} {n:>10.1f}", flush=True)
+
+
 def _full_range(sampling):
     return float(sampling.percent_to_sigma(0.0)), float(sampling.percent_to_sigma(1.0))
 
@@ -78,8 +110,9 @@ def main():
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=1, help="extra steps timed per run")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--weights", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="auto: float32 for the subject case alone, bfloat16 storage once the RefineNet is in")
+    ap.add_argument("--weights", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the UNet calls and the RefineNet passes inside one 3-step sample")
     a = ap.parse_args()
     import_comfy()
     import_pack()
@@ -87,7 +120,7 @@ def main():
     from consistent_inpaint.nodes import largen
     torch.set_num_threads(os.cpu_count() or 1)
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} threads)"
-    name = a.weights if a.weights != "auto" else ("bfloat16" if "refinenet" in a.cases else "float32")
+    name = a.weights
     weight_dtype = getattr(torch, name)
     print(f"== LAR-Gen: seconds per sampling step (euler, cfg 5, cond+uncond), {a.size}², weights {name}, "
           f"compute float32, {device} ==")
@@ -103,14 +136,18 @@ def main():
     if "subject" in a.cases:
         variants["subject attention"] = subject_patch(largen, model, sampling).attach(model)
     if "refinenet" in a.cases:
-        variants["RefineNet"] = refine_patch(largen, a.size, sampling, weight_dtype).attach(model)
+        refine = refine_patch(largen, a.size, sampling, weight_dtype)
+        variants["RefineNet"] = refine.attach(model)
     names = list(variants)
     times = step_times([model, *variants.values()], positive, negative, latent, a.steps, a.repeats)
-    print(f"{'variant':>20} {'s/step':>8} {'ratio':>7} {'target':>7}")
-    print(f"{'plain LAR-Gen UNet':>20} {times[0]:>8.2f} {1:>7.3f} {'':>7}")
+    calls = [calls_per_step(m, positive, negative, latent) for m in [model, *variants.values()]]
+    print(f"{'variant':>20} {'s/step':>8} {'ratio':>7} {'target':>7}  UNet call rows per step")
+    print(f"{'plain LAR-Gen UNet':>20} {times[0]:>8.2f} {1:>7.3f} {'':>7}  {calls[0]}")
     targets = {"subject attention": "<= 1.1", "RefineNet": "<= 1.6"}
-    for n, t in zip(names, times[1:]):
-        print(f"{n:>20} {t:>8.2f} {t / times[0]:>7.3f} {targets[n]:>7}", flush=True)
+    for n, t, c in zip(names, times[1:], calls[1:]):
+        print(f"{n:>20} {t:>8.2f} {t / times[0]:>7.3f} {targets[n]:>7}  {c}", flush=True)
+    if a.breakdown and "RefineNet" in variants:
+        breakdown(model, variants["RefineNet"], refine.refinenet.net, positive, negative, latent)
     del variants, model
     mm.unload_all_models()
     gc.collect()

@@ -354,9 +354,10 @@ class RefinePatch:
             noisy = base.model_sampling.noise_scaling(s.reshape(1, 1, 1, 1), noise.to(x.device), lat)
             xin = base.model_sampling.calculate_input(s, noisy)
             timesteps = base.model_sampling.timestep(s).float().expand(S)
+            net = self.refinenet.net
             ctx = moved(run, "context", self.context, x.device, dt)
-            tokens = self.refinenet.net(xin.to(dt), timesteps, ctx, y_ref.expand(S, -1).to(x.device, dt),
-                                        transformer_options)
+            kv = once_per_run(run, ("context_kv", x.device, dt), lambda: net.context_kv(ctx))
+            tokens = net(xin.to(dt), timesteps, ctx, y_ref.expand(S, -1).to(x.device, dt), transformer_options, kv)
             if run is not None:
                 run.entries.append((y_ref, tokens))
         to = dict(transformer_options)

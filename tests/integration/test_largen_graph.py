@@ -7,6 +7,7 @@ Counters wrap the attention patches on the final MODEL (test-only node ``CITestL
 model call, which sites the subject attention changed and how many RefineNet tokens each decoder self-attention
 received."""
 import json
+import sys
 
 import pytest
 import torch
@@ -329,6 +330,55 @@ def test_refinenet_runs_once_per_step_and_feeds_every_decoder_self_attention(
     assert not any(e["added"] for e in refine if e["site"][0] != "output")
     runs = [e for e in counter if e["kind"] == "refinenet"]
     assert len(runs) == 2 and all(e["rows"] == 1 for e in runs)          # once per step in range, one subject row
+
+
+def test_refinenet_context_projected_once_per_run(comfy, run_prompt, graph, largen_files, clip_vision_node,
+                                                  vae_name, monkeypatch):
+    """The RefineNet's 257-token context is the same on every step: its cross-attention keys/values are projected
+    once per sampling run, not once per step."""
+    cls = sys.modules[f"{comfy.pack_module.__name__}.nodes.branch_unet"].RefineNet
+    calls = []
+    original = cls.context_kv
+    monkeypatch.setattr(cls, "context_kv", lambda self, c: calls.append(c.shape) or original(self, c))
+    _graph(graph, vae_name, subject=False, refine=True, steps=4, counter=False)
+    run_prompt(graph)
+    assert len(calls) == 1
+
+
+def test_refinenet_tokens_equal_comfyui_unet_run_plainly(comfy):
+    """RefineNet.forward (kept cross-attention keys/values, stopping after the last decoder transformer) hands
+    over the same decoder self-attention inputs as ComfyUI's own UNetModel with the same weights, run the plain
+    way (context through every to_k / to_v, all blocks)."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from comfy.ops import manual_cast
+    cls = sys.modules[f"{comfy.pack_module.__name__}.nodes.branch_unet"].RefineNet
+    cfg = dict(SDXL_UNET, in_channels=4)
+    torch.manual_seed(0)
+    net = cls(cfg, CLIP_W, operations=manual_cast).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    plain = UNetModel(**cfg, operations=manual_cast).eval()
+    missing, unexpected = plain.load_state_dict(
+        {k: v for k, v in net.state_dict().items() if not k.startswith("projector.")}, strict=False)
+    assert unexpected == [] and all(k.startswith("out.") for k in missing)
+    seen = {}
+
+    def capture(n, c, v, extra):
+        if extra["block"][0] == "output":
+            seen[(*extra["block"], extra.get("block_index", 0))] = n
+        return n, c, v
+
+    x, t = torch.randn(2, 4, 16, 12), torch.tensor([700.0, 700.0])
+    context, y = torch.randn(2, 257, 2048), torch.randn(2, 2816)
+    with torch.no_grad():
+        plain(x, t, context, y, transformer_options={"patches": {"attn1_patch": [capture]}})
+        ours = net(x, t, context, y, {})
+        kept = net(x, t, context, y, {}, net.context_kv(context))
+    assert sorted(ours) == sorted(seen) == sorted(net.sites) and len(seen) >= 2
+    for site in seen:
+        torch.testing.assert_close(ours[site], seen[site], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kept[site], ours[site], rtol=0, atol=0)
 
 
 def test_refinenet_once_per_step_when_rows_run_in_separate_calls(
