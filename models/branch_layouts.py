@@ -31,8 +31,8 @@ PainterNet file format (version 1; full text in ``docs/painternet_format.md``)
     "base": "sd15" | "sdxl", "mask": "1=keep" | "1=hole"}`` (all four required; other metadata keys are
     ignored). Branch input channels ``[noisy latent (4), masked-image latent x VAE scale (4), mask (1)]``,
     masked image = image with hole pixels set to 0 in [0, 1] (BrushNet's convention); ``mask`` says the
-    polarity of the mask channel ("1=keep" is BrushNet's, the recommended value). The training code
-    (issue "PainterNet training") writes it; :func:`painternet_metadata` gives the metadata dict.
+    polarity of the mask channel ("1=keep" is BrushNet's, the recommended value). ``training/painternet.py``
+    writes it, starting from :func:`painternet_from_unet`; :func:`painternet_metadata` gives the metadata dict.
 
 Attention heads are not stored in the weights: the SD1.5 family uses 8 heads at every width
 (``num_heads=8``), the SDXL family a head size of 64 (``num_head_channels=64``), as ComfyUI's own SD15 /
@@ -658,3 +658,31 @@ def load_branch(path) -> tuple[BranchSpec, dict[str, torch.Tensor]]:
     sd = tensor_dict(load_weights(str(path)), str(path))
     spec = detect(sd, safetensors_metadata(path), path)
     return spec, convert(sd, spec, path)
+
+
+def painternet_from_unet(unet_sd: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A PainterNet branch initialised from a base UNet (ComfyUI names, ``diffusion_model.`` stripped) with
+    ``config`` (its ComfyUI ``unet_config``), as BrushNet initialises its branch: every UNet weight copied
+    (cross-attention kept), the input conv widened from 4 to 9 channels with zeros for the masked-image latent and
+    mask, no output head, and every zero connection (layer outputs and attention control points) at zero. The
+    result is in the internal naming; :func:`detect` with :func:`painternet_metadata` reads it back."""
+    sd = {k: v.detach().clone() for k, v in unet_sd.items() if not k.startswith("out.")}
+    w = sd.get("input_blocks.0.0.weight")
+    if w is None or w.ndim != 4 or w.shape[1] != 4:
+        raise ValueError("the base UNet must take a 4-channel latent (a text-to-image SD1.5 / SDXL UNet); got "
+                         f"input conv {None if w is None else tuple(w.shape)}")
+    sd["input_blocks.0.0.weight"] = torch.cat([w, w.new_zeros(w.shape[0], BRANCH_IN_CHANNELS - 4, *w.shape[2:])], 1)
+    ch = _zero_channels(config)
+
+    def zero(name, c, conv=True):
+        shape = (c, c, 1, 1) if conv else (c, c)
+        sd[f"{name}.weight"], sd[f"{name}.bias"] = w.new_zeros(shape), w.new_zeros(c)
+
+    for k, c in enumerate(ch["down"]):
+        zero(f"zero_down.{k}", c)
+    zero("zero_mid", ch["mid"])
+    for j, c in enumerate(ch["up"]):
+        zero(f"zero_up.{j}", c)
+    for n, (_site, c) in enumerate(_attention_sites_with_channels(config)):
+        zero(f"zero_attn.{n}", c, conv=False)
+    return sd

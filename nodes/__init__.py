@@ -3,6 +3,6 @@ from .common import register_model_folders
 
 register_model_folders()
 
-from . import asuka, branch, largen, patch_adapter  # noqa: E402
+from . import asuka, branch, largen, masks, patch_adapter  # noqa: E402
 
-NODES = [*asuka.NODES, *branch.NODES, *largen.NODES, *patch_adapter.NODES]
+NODES = [*asuka.NODES, *branch.NODES, *largen.NODES, *patch_adapter.NODES, *masks.NODES]

@@ -14,10 +14,12 @@ which is ComfyUI's UNet naming plus ``zero_down/zero_mid/zero_up/zero_attn``.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from comfy.ldm.modules.diffusionmodules.openaimodel import (ResBlock, TimestepEmbedSequential, Upsample, UNetModel,
                                                            forward_timestep_embed, timestep_embedding)
+from comfy.ldm.modules.diffusionmodules.openaimodel import forward_timestep_embed as _embed
 
 from comfy.ldm.modules.attention import SpatialTransformer
 
@@ -47,6 +49,26 @@ def _unet_kwargs(spec) -> dict:
     if kw["transformer_depth_middle"] is None:         # BrushNet's Res/Res middle: build one, add the other
         kw["transformer_depth_middle"] = -1
     return dict(image_size=None, out_channels=4, **kw)
+
+
+# transformer_options key for training: a dict that the branch fills with {site: cross-attention probabilities
+# [B, HW, L], averaged over heads} (PainterNet's ATAL reads them). Computed explicitly (softmax of QK^T), so only
+# for training; inference never sets it.
+ATTENTION_PROBE = "consistent_inpaint_attention_probe"
+# transformer_options key for training: recompute each branch block in backward (gradient checkpointing)
+GRADIENT_CHECKPOINT = "consistent_inpaint_checkpoint"
+
+
+def _probed_attention(probe: dict):
+    def attn(q, k, v, extra):
+        heads = extra["n_heads"]
+        B, N, C = q.shape
+        d = C // heads
+        qh, kh, vh = (t.reshape(B, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+        p = torch.softmax((qh.float() @ kh.float().transpose(-1, -2)) * d ** -0.5, dim=-1)
+        probe[(extra["block"][0], extra["block"][1], extra.get("block_index", 0))] = p.mean(1)
+        return (p.to(vh.dtype) @ vh).transpose(1, 2).reshape(B, N, C)
+    return attn
 
 
 class BranchNet(nn.Module):
@@ -94,6 +116,18 @@ class BranchNet(nn.Module):
         else:
             to["patches"] = {}
         to.pop("patches_replace", None)
+        probe = to.pop(ATTENTION_PROBE, None)
+        checkpointed = to.pop(GRADIENT_CHECKPOINT, False) and torch.is_grad_enabled()
+
+        def forward_timestep_embed(block, h, emb, context, to, **kw):
+            if checkpointed:
+                # a copy of the options: ``to["block"]`` moves on before the recomputation in backward
+                return torch.utils.checkpoint.checkpoint(_embed, block, h, emb, context, dict(to), use_reentrant=False,
+                                                         **kw)
+            return _embed(block, h, emb, context, to, **kw)
+
+        if probe is not None:
+            to["patches_replace"] = {"attn2": {site: _probed_attention(probe) for site in transformer_sites(self)}}
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
         if self.label_emb is not None:
             emb = emb + self.label_emb(y)

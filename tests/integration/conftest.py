@@ -755,6 +755,21 @@ class ModelFactory:
         name = f"ci-sd15-inpaint-{levels}level{'-noattn1' if skip_top_attention else ''}.safetensors"
         return self.install("checkpoints", self._cached(name, spec, build), name)
 
+    def sd15_checkpoint(self, levels=2) -> str:
+        """SD1.5 text-to-image all-in-one checkpoint (4-channel UNet, attention at every level) + full-size CLIP-L
+        and SD VAE, fp16, random weights: a base model for the PainterNet trainer and the branch nodes."""
+        import torch
+        spec = {"kind": "sd15", "levels": levels}
+
+        def build():
+            sd = _random_state_dict(self._sd15_unet_shapes(levels, 4), torch.float16, 4, "model.diffusion_model.")
+            sd.update(_random_state_dict(self._clip_l_shapes(), torch.float16, 2, "cond_stage_model.transformer."))
+            sd.update(_random_state_dict(self._kl_vae_shapes(4, True), torch.float16, 3, "first_stage_model."))
+            return sd
+
+        name = f"ci-sd15-{levels}level.safetensors"
+        return self.install("checkpoints", self._cached(name, spec, build), name)
+
     def sd15_vae(self) -> str:
         """Stand-alone SD1.x VAE (vae folder), for VAELoader."""
         import torch

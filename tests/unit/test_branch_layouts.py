@@ -9,7 +9,7 @@ import torch
 import branch_layouts as W
 from models.branch_layouts import (
     MIDDLE_RES_RES, MIDDLE_RES_ST_RES, attention_sites, convert, detect, diffusers_key_map, injection_sites,
-    internal_shapes, load_branch, painternet_metadata, zero_conv_channels)
+    internal_shapes, load_branch, painternet_from_unet, painternet_metadata, zero_conv_channels)
 from models.weights import CheckpointFormatError, safetensors_metadata
 
 FULL = {
@@ -284,3 +284,29 @@ def test_load_branch_from_files(tmp_path):
     assert spec.kind == "brushnet" and torch.equal(sd["output_blocks.11.0.out_layers.3.weight"],
                                                     src["up_blocks.3.resnets.2.conv2.weight"])
     assert safetensors_metadata(tmp_path / "x.pt") is None
+
+
+@pytest.mark.parametrize("base", ["sd15", "sdxl"])
+def test_painternet_initialised_from_a_unet(base):
+    """The trainer's starting branch: the UNet's weights, the input conv widened with zeros, every zero connection
+    at zero, the output head dropped; it reads back as a PainterNet of the same structure."""
+    full = W.painternet(base=base, small=True, seed=3)
+    spec = detect(full, W.painternet_metadata(base))
+    unet = {k: v for k, v in full.items() if not k.startswith("zero_")}
+    unet["input_blocks.0.0.weight"] = full["input_blocks.0.0.weight"][:, :4].clone()
+    unet["out.2.weight"] = torch.zeros(4, 8, 3, 3)
+    got = painternet_from_unet(unet, spec.config)
+    assert set(got) == set(full)
+    for k, v in got.items():
+        assert v.shape == full[k].shape, k
+        if k.startswith("zero_"):
+            assert not v.any(), k
+        elif k == "input_blocks.0.0.weight":
+            assert torch.equal(v[:, :4], unet[k]) and not v[:, 4:].any()
+        else:
+            assert torch.equal(v, full[k]), k
+    again = detect(got, W.painternet_metadata(base))
+    assert again.kind == "painternet" and again.acp_sites == spec.acp_sites
+    with pytest.raises(ValueError, match="4-channel"):
+        painternet_from_unet(dict(unet, **{"input_blocks.0.0.weight": torch.zeros(8, 9, 3, 3)}),
+                                            spec.config)

@@ -1,0 +1,198 @@
+"""PainterNet training in real ComfyUI on a shallow random SD1.5 checkpoint (full CLIP-L and VAE) and a folder of
+three synthetic images: the loss goes down on a fixed batch, ATAL reaches the branch's cross-attention, the command
+line trains, samples, saves and resumes, and the file it writes loads in Load Inpaint Branch and changes the
+sampled result (the untrained, zero-connected branch does not)."""
+import csv
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from test_branch_graph import _graph
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _pack(comfy, sub):
+    return importlib.import_module(f"{comfy.pack_module.__name__}.{sub}")
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(comfy_models):
+    return comfy_models.sd15_checkpoint(levels=2)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("painter_data")
+    rng = np.random.default_rng(0)
+    for i, prompt in enumerate(["a red apple", "a small wooden boat on a lake", None]):
+        small = rng.uniform(0, 255, (4, 5, 3)).astype(np.uint8)
+        Image.fromarray(small).resize((80, 64), Image.BICUBIC).save(d / f"img{i}.png")
+        if prompt is not None:
+            m = np.zeros((64, 80), np.uint8)
+            m[16:44, 20 + 10 * i:56] = 255
+            Image.fromarray(m).save(d / f"img{i}.mask.png")
+            (d / f"img{i}.txt").write_text(prompt)
+    return d
+
+
+def _trainer(comfy, base_ckpt, data_dir, out, **kw):
+    mod = _pack(comfy, "training.painternet")
+    cfg = mod.PainterNetConfig(base=comfy.folder_paths.get_full_path("checkpoints", base_ckpt), data=str(data_dir),
+                               output=str(out), resolution=64, **kw)
+    return mod.PainterNetTrainer(cfg), _pack(comfy, "training.common").ImageFolder(str(data_dir), 64)
+
+
+def test_loss_goes_down_on_a_fixed_batch(comfy, base_ckpt, data_dir, tmp_path):
+    trainer, data = _trainer(comfy, base_ckpt, data_dir, tmp_path, lr=1e-5, beta=1e-5)
+    b = trainer.batch(data, [0, 1])
+
+    def fixed_loss():
+        torch.manual_seed(5)              # the same timesteps and noise every time
+        with torch.no_grad():
+            return float(trainer.losses(b)["loss"])
+
+    before = fixed_loss()
+    for _ in range(6):
+        torch.manual_seed(5)
+        trainer.train_step(b)
+    after = fixed_loss()
+    assert after < 0.9 * before, (before, after)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_atal_reaches_the_branch_cross_attention(comfy, base_ckpt, data_dir, tmp_path, beta):
+    """At initialisation every zero connection is zero, so the diffusion loss cannot reach the branch's
+    cross-attention keys; only ATAL can."""
+    trainer, data = _trainer(comfy, base_ckpt, data_dir, tmp_path, beta=beta)
+    b = trainer.batch(data, [0, 1])
+    trainer.optimizer.zero_grad()
+    parts = trainer.losses(b)
+    assert float(parts["atal"].detach()) > 0
+    parts["loss"].backward()
+    sites = _pack(comfy, "nodes.branch_unet").transformer_sites(trainer.net)
+    assert len(sites) >= 3
+    grads = [tb.attn2.to_k.weight.grad for tb in sites.values()]
+    if beta == 0:
+        assert all(g is None or g.abs().max() == 0 for g in grads)
+    else:
+        assert all(g is not None and g.abs().max() > 0 for g in grads)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(comfy, base_ckpt, data_dir, tmp_path,
+                                                                  monkeypatch):
+    import torch.utils.checkpoint as tuc
+    calls = []
+    original = tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    grads = []
+    for checkpointing in (False, True):
+        calls.clear()
+        trainer, data = _trainer(comfy, base_ckpt, data_dir, tmp_path, beta=1.0,
+                                 gradient_checkpointing=checkpointing)
+        b = trainer.batch(data, [0, 1], torch.Generator().manual_seed(3))
+        torch.manual_seed(7)
+        parts = trainer.losses(b)
+        parts["loss"].backward()
+        assert bool(calls) == checkpointing          # every branch block recomputed, or none
+        grads.append((parts["loss"].detach(), {n: p.grad.clone() for n, p in trainer.net.named_parameters()
+                                               if p.grad is not None and "attn2.to_k" in n}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    assert grads[0][1].keys() == grads[1][1].keys() and grads[0][1]
+    for n in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][n], grads[1][1][n], rtol=1e-4, atol=1e-7)
+
+
+def test_branch_probe_keeps_the_branch_output(comfy, base_ckpt, data_dir, tmp_path):
+    """Recording attention maps for ATAL computes the same branch outputs as ComfyUI's attention."""
+    trainer, data = _trainer(comfy, base_ckpt, data_dir, tmp_path)
+    bu = _pack(comfy, "nodes.branch_unet")
+    torch.manual_seed(0)
+    net = trainer.net
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.02)      # zero connections non-zero, so the outputs mean something
+        x, t, ctx = torch.randn(2, 9, 8, 8), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768)
+        plain = net(x, t, ctx)
+        probe = {}
+        probed = net(x, t, ctx, transformer_options={bu.ATTENTION_PROBE: probe})
+    for k in ("down", "up"):
+        for a, b in zip(plain[k], probed[k]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert sorted(probe) == sorted(bu.transformer_sites(net))
+    for a in probe.values():
+        torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:2]), rtol=1e-5, atol=1e-5)
+
+
+def _train_cli(comfy, base_ckpt, data_dir, out, steps):
+    cfg = out.parent / "painternet.toml"
+    cfg.write_text(f'base = "{comfy.folder_paths.get_full_path("checkpoints", base_ckpt)}"\n'
+                   f'data = "{data_dir}"\noutput = "{out}"\nresolution = 64\nbatch_size = 2\n'
+                   "log_every = 1\nsave_every = 1\nsample_every = 2\nsample_steps = 2\nlr = 1e-4\n")
+    env = dict(os.environ, COMFYUI_PATH=str(comfy.path))
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "painternet", "--config", str(cfg),
+                        "--steps", str(steps)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_command_line_trains_samples_saves_and_resumes_and_the_file_loads(
+        comfy, run_prompt, base_ckpt, data_dir, tmp_path):
+    out = tmp_path / "run"
+    _train_cli(comfy, base_ckpt, data_dir, out, 2)
+    assert (out / "samples" / "step_0000002.png").exists()
+    assert Image.open(out / "samples" / "step_0000002.png").size == (128, 64)
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["step"] == 2
+    _train_cli(comfy, base_ckpt, data_dir, out, 3)                  # resumes at step 2
+    with open(out / "loss.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(float(r["loss"])) and float(r["atal"]) > 0 for r in rows)
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 3
+
+    folder = Path(comfy.folder_paths.get_folder_paths("inpaint_branch")[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(out / "painternet.safetensors", folder / "painternet_trained_test.safetensors")
+    trainer, _ = _trainer(comfy, base_ckpt, data_dir, tmp_path / "init")
+    trainer.save(folder / "painternet_initial_test.safetensors")
+    comfy.folder_paths.filename_list_cache.clear()
+
+    def sample(branch, scale):
+        g = comfy.graph()
+        n = _graph(g, base_ckpt, branch, scale=scale, counter=False)
+        return run_prompt(g).output(n["sampler"].id, 0)["samples"]
+
+    plain = sample("painternet_initial_test.safetensors", 0.0)
+    assert torch.equal(sample("painternet_initial_test.safetensors", 1.0), plain)     # zero connections
+    assert not torch.allclose(sample("painternet_trained_test.safetensors", 1.0), plain)
+
+
+def test_training_mask_node(comfy, run_prompt):
+    g = comfy.graph()
+    rect = g.node("CITestRectMask", width=64, height=48, x=10, y=8, w=20, h=16)
+    box = g.node("ConsistentInpaintTrainingMask", kind="box", seed=3, width=512, height=512, batch_size=1,
+                 region=rect.out(0))
+    mix = g.node("ConsistentInpaintTrainingMask", kind="mix (PainterNet 25/50/25)", seed=3, width=64, height=48,
+                 batch_size=3)
+    again = g.node("ConsistentInpaintTrainingMask", kind="mix (PainterNet 25/50/25)", seed=3, width=64, height=48,
+                   batch_size=3)
+    for n in (box, mix, again):
+        g.node("CITestCapture", value=n.out(0))
+    r = run_prompt(g)
+    m = r.output(box.id, 0)
+    assert m.shape == (1, 48, 64) and r.output(box.id, 1) == "box"
+    assert m[0, 8:24, 10:30].all() and m.sum() >= 16 * 20
+    ys, xs = m[0].nonzero(as_tuple=True)
+    assert m[0, ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()            # one rectangle
+    masks3 = r.output(mix.id, 0)
+    assert masks3.shape == (3, 48, 64) and len(r.output(mix.id, 1).split(", ")) == 3
+    assert torch.equal(masks3, r.output(again.id, 0))                         # the seed decides

@@ -1,0 +1,1 @@
+"""Trainers that write the files the loader nodes read (run through ``train.py``)."""

@@ -1,0 +1,154 @@
+"""What every trainer shares: configuration (a TOML file and/or flags), the image folder, resumable state, the
+progress bar and loss log, and mixed precision. Needs ComfyUI importable (``train.py`` arranges it)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import logging
+import os
+import tomllib
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+log = logging.getLogger("consistent_inpaint.training")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MASK_SUFFIX = ".mask.png"          # beside ``name.png``: ``name.mask.png``, white = the object / region
+PROMPT_SUFFIX = ".txt"             # beside ``name.png``: ``name.txt``, the local prompt
+
+
+# -- configuration ---------------------------------------------------------------------------------------------
+def parse_config(cls, argv: list[str] | None = None, prog: str = "train.py"):
+    """A ``cls`` dataclass from ``--config file.toml`` (keys = field names) overridden by ``--field value`` flags.
+    Unknown keys in the file are errors (a typo must not silently train with a default)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    ap = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
+    ap.add_argument("--config", help="TOML file whose keys are the options below")
+    for name, f in fields.items():
+        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}.get(
+            str(f.type), str)
+        if kind is bool:
+            ap.add_argument(f"--{name}", type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=None)
+        else:
+            ap.add_argument(f"--{name}", type=kind, default=None)
+    a = ap.parse_args(argv)
+    values = {}
+    if a.config:
+        with open(a.config, "rb") as fh:
+            values = tomllib.load(fh)
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise SystemExit(f"{a.config}: unknown option(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+    values.update({k: v for k, v in vars(a).items() if k in fields and v is not None})
+    missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise SystemExit(f"missing required option(s): {', '.join(missing)} (flags or the --config file)")
+    return cls(**values)
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+def _square(img: Image.Image, size: int, resample) -> Image.Image:
+    """Shorter side to ``size``, then the centre ``size`` x ``size``."""
+    w, h = img.size
+    s = size / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), resample)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+class ImageFolder:
+    """``folder/name.{png,jpg,jpeg,webp}`` with optional ``name.mask.png`` (segmentation / region mask, white =
+    object) and ``name.txt`` (local prompt). Items: (image [3, S, S] in [0, 1], mask [S, S] or None, prompt)."""
+
+    def __init__(self, folder: str, size: int):
+        root = Path(folder)
+        if not root.is_dir():
+            raise FileNotFoundError(f"training data folder {folder} does not exist")
+        self.size = size
+        self.items = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                            and not p.name.lower().endswith(MASK_SUFFIX))
+        if not self.items:
+            raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path = self.items[i]
+        image = _square(Image.open(path).convert("RGB"), self.size, Image.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mask_path = path.with_name(path.stem + MASK_SUFFIX)
+        mask = None
+        if mask_path.exists():
+            m = _square(Image.open(mask_path).convert("L"), self.size, Image.NEAREST)
+            mask = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)
+        text = path.with_suffix(PROMPT_SUFFIX)
+        prompt = text.read_text(encoding="utf-8").strip() if text.exists() else ""
+        return pixels, mask, prompt
+
+
+# -- run state -------------------------------------------------------------------------------------------------
+def save_state(path: Path, step: int, trainable: dict, optimizer, generators: dict) -> None:
+    """Everything needed to resume, in a file ``torch.load(weights_only=True)`` reads; written atomically."""
+    state = {"step": step, "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
+             "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+             "generators": {k: g.get_state() for k, g in generators.items()}}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, module, optimizer, generators: dict) -> int:
+    """Restores a :func:`save_state` file; -> the step to continue from."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    missing, unexpected = module.load_state_dict(state["trainable"], strict=False)
+    if unexpected or any(k in state["trainable"] for k in missing):
+        raise ValueError(f"{path} does not match this run's trainable weights ({len(unexpected)} foreign)")
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    for k, g in generators.items():
+        g.set_state(state["generators"][k])
+    return int(state["step"])
+
+
+class LossLog:
+    """A CSV of (step, losses...) in the output folder, appended to on resume."""
+
+    def __init__(self, path: Path, names: list[str]):
+        self.path, self.names = path, names
+        if not path.exists():
+            with open(path, "w", newline="") as fh:
+                csv.writer(fh).writerow(["step", *names])
+
+    def write(self, step: int, values: dict) -> None:
+        with open(self.path, "a", newline="") as fh:
+            csv.writer(fh).writerow([step, *(f"{values[n]:.6g}" for n in self.names)])
+
+
+def autocast(device: torch.device, mixed_precision: str):
+    """``no`` / ``fp16`` / ``bf16`` -> the autocast context for the forward pass."""
+    if mixed_precision == "no":
+        return nullcontext()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision)
+    if dtype is None:
+        raise ValueError(f"mixed_precision must be no, fp16 or bf16; got {mixed_precision!r}")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def save_image(path: Path, images: list[torch.Tensor]) -> None:
+    """[3, H, W] tensors in [0, 1], side by side, as a PNG."""
+    row = torch.cat([i.detach().float().cpu().clamp(0, 1) for i in images], dim=-1)
+    Image.fromarray((row.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+
+
+def nearest(mask: torch.Tensor, hw) -> torch.Tensor:
+    """[B, 1, H, W] -> [B, 1, h, w] by nearest (BrushNet's mask resize)."""
+    return F.interpolate(mask, size=hw, mode="nearest")

@@ -1,0 +1,265 @@
+"""PainterNet training (paper §3): a branch initialised from the base UNet (cross-attention kept), its zero
+connections and attention control points starting at zero, trained with the diffusion loss + beta * ATAL on
+images with PainterNet's mask mix (box 25 %, irregular 50 %, segmentation 25 %) and local prompts; the base UNet,
+text encoder and VAE stay frozen.
+
+The branch runs inside the base UNet through the very patch the Apply Inpaint Branch node uses
+(``nodes.branch.BranchPatch``), so what is trained is exactly what is sampled. The output is a PainterNet
+safetensors file (``docs/painternet_format.md``) that Load Inpaint Branch reads as is.
+
+Choices where the paper is silent (also in the README): learning rate 1e-5 and AdamW (BrushNet's), timesteps
+uniform over the 1000 training steps, epsilon target (SD1.5 / SDXL base models), mask channel "1=keep"
+(BrushNet's polarity), images without a mask file get a random ellipse as their "segmentation", prompts longer
+than one 77-token chunk are cut to it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import comfy.model_management as mm
+import comfy.model_sampling
+import comfy.ops
+import comfy.sample
+import comfy.sd
+
+from ..models import branch_layouts, masks
+from ..models.atal import actual_token_mask, atal_loss
+from ..models.largen import latent_grid
+from ..nodes.branch import BranchPatch, InpaintBranch
+from ..nodes.branch_unet import ATTENTION_PROBE, GRADIENT_CHECKPOINT, BranchNet
+from ..nodes.common import wrap_patcher
+from .common import ImageFolder, LossLog, autocast, load_state, nearest, parse_config, save_image, save_state
+
+log = logging.getLogger("consistent_inpaint.training.painternet")
+
+CLIP_START, CLIP_END = 49406, 49407      # CLIP BPE start / end-of-text ids (SD1.5 and SDXL text encoders)
+
+
+@dataclass
+class PainterNetConfig:
+    """Train a PainterNet branch (writes a file Load Inpaint Branch reads)."""
+    base: str                      # ComfyUI checkpoint (UNet + CLIP + VAE), SD1.5 or SDXL, epsilon prediction
+    data: str                      # folder: name.png [+ name.mask.png] [+ name.txt]
+    output: str                    # folder for painternet.safetensors, state.pt, loss.csv, samples/
+    resolution: int = 512
+    batch_size: int = 1
+    steps: int = 1000
+    lr: float = 1e-5
+    beta: float = 1e-5             # ATAL weight (paper: 1e-5)
+    mask: str = branch_layouts.MASK_KEEP
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500
+    sample_every: int = 500        # 0: no sample images
+    sample_steps: int = 20
+    mixed_precision: str = "no"    # no | fp16 | bf16 (forward under autocast, weights float32)
+    gradient_checkpointing: bool = False   # recompute the branch's blocks in backward
+
+
+def _base_of(model) -> str:
+    cfg = model.model.model_config.unet_config
+    base = {768: "sd15", 2048: "sdxl"}.get(cfg.get("context_dim"))
+    if base is None or cfg.get("in_channels") != 4:
+        raise ValueError("PainterNet trains on a text-to-image SD1.5 or SDXL UNet (4-channel input, text width 768 or "
+                         f"2048); this one has in_channels={cfg.get('in_channels')}, context_dim={cfg.get('context_dim')}")
+    if not isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.EPS) or isinstance(
+            model.get_model_object("model_sampling"), comfy.model_sampling.V_PREDICTION):
+        raise ValueError("PainterNet training supports epsilon-prediction base models only")
+    return base
+
+
+class PainterNetTrainer:
+    def __init__(self, cfg: PainterNetConfig, model=None, clip=None, vae=None, device=None):
+        self.cfg = cfg
+        if cfg.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8; got {cfg.resolution}")
+        if model is None:
+            model, clip, vae = comfy.sd.load_checkpoint_guess_config(cfg.base, output_vae=True, output_clip=True)[:3]
+        if clip is None or vae is None:
+            raise ValueError(f"{cfg.base} must carry the text encoder and the VAE as well as the UNet")
+        self.model, self.clip, self.vae = model, clip, vae
+        self.base = _base_of(model)
+        self.device = device or mm.get_torch_device()
+        unet = model.model.diffusion_model
+        state = {k: v.float() for k, v in unet.state_dict().items()}
+        sd = branch_layouts.painternet_from_unet(state, model.model.model_config.unet_config)
+        self.metadata = branch_layouts.painternet_metadata(self.base, cfg.mask)
+        self.spec = branch_layouts.detect(sd, self.metadata, "the initial branch")
+        net = BranchNet(self.spec, dtype=torch.float32, device=self.device, operations=comfy.ops.manual_cast)
+        net.load_state_dict(branch_layouts.convert(sd, self.spec, "the initial branch"))
+        self.net = net
+        branch = InpaintBranch(wrap_patcher(net, self.device, self.device), self.spec)
+        placeholder = torch.zeros(1, 5, 1, 1)
+        self.patch = BranchPatch(branch, placeholder, 1.0, (math.inf, 0.0), 4, None,
+                                 branch_layouts.injection_sites(self.spec))
+        self.patched = self.patch.attach(model)
+        mm.load_models_gpu([self.patched])          # the UNet on the device, with the branch's object patches
+        unet.requires_grad_(False)
+        net.requires_grad_(True).train()
+        self.sampling = model.get_model_object("model_sampling")
+        self.latent_format = model.get_model_object("latent_format")
+        self.optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
+        self.mask_rng = torch.Generator().manual_seed(cfg.seed)
+        self.data_rng = torch.Generator().manual_seed(cfg.seed + 1)
+        torch.manual_seed(cfg.seed)
+        self._texts = {}
+
+    # -- inputs --
+    def encode_text(self, prompt: str):
+        """-> (context [1, 77, C], pooled or None, actual-token mask [1, 77]); cached per prompt."""
+        if prompt not in self._texts:
+            tokens = self.clip.tokenize(prompt)
+            tokens = {k: v[:1] for k, v in tokens.items()}          # one 77-token chunk
+            ids = torch.tensor([[t[0] for t in next(iter(tokens.values()))[0]]])
+            with torch.no_grad():
+                cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
+            self._texts[prompt] = (cond.float().cpu(), None if pooled is None else pooled.float().cpu(),
+                                   actual_token_mask(ids, CLIP_START, CLIP_END))
+        return self._texts[prompt]
+
+    def y_for(self, pooled: torch.Tensor) -> torch.Tensor | None:
+        if self.base != "sdxl":
+            return None
+        r = self.cfg.resolution
+        return self.model.model.encode_adm(pooled_output=pooled, width=r, height=r, crop_w=0, crop_h=0,
+                                           target_width=r, target_height=r)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> latent at the model's scale."""
+        with torch.no_grad():
+            return self.latent_format.process_in(self.vae.encode(pixels.movedim(1, -1)).float()).to(self.device)
+
+    def branch_cond(self, pixels: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+        """What Apply Inpaint Branch builds: [masked-image latent, mask channel] (hole pixels set to 0)."""
+        masked = self.encode_image(pixels * (1 - hole))
+        m = nearest(hole, masked.shape[-2:]).to(self.device)
+        return torch.cat([masked, 1 - m if self.cfg.mask == branch_layouts.MASK_KEEP else m], dim=1)
+
+    def batch(self, data: ImageFolder, indices, generator: torch.Generator | None = None):
+        g = generator or self.mask_rng
+        items = [data[i] for i in indices]
+        pixels = torch.stack([p for p, _, _ in items])
+        holes = []
+        for p, seg, _ in items:
+            if seg is None or seg.max() <= 0.5:
+                seg = masks.random_blob(p.shape[1], p.shape[2], g)
+            holes.append(masks.painter_mask(seg, g)[0])
+        texts = [self.encode_text(prompt) for _, _, prompt in items]
+        return dict(pixels=pixels, hole=torch.stack(holes)[:, None], context=torch.cat([t[0] for t in texts]),
+                    pooled=None if texts[0][1] is None else torch.cat([t[1] for t in texts]),
+                    tokens=torch.cat([t[2] for t in texts]))
+
+    # -- one step --
+    def losses(self, b) -> dict:
+        latent = self.encode_image(b["pixels"])
+        self.patch.cond = self.branch_cond(b["pixels"], b["hole"])     # training only: this run's own patch
+        mm.load_models_gpu([self.patched])     # again, in case loading the VAE unloaded the UNet and its patches
+        B = latent.shape[0]
+        t = torch.randint(0, len(self.sampling.sigmas), (B,))
+        sigma = self.sampling.sigmas[t].to(self.device, torch.float32)
+        eps = torch.randn_like(latent)
+        x = self.sampling.noise_scaling(sigma.view(B, 1, 1, 1), eps, latent)
+        probe = {}
+        # what ComfyUI's sampler hands the UNet: the patched model's options plus its wrappers (the branch runs in
+        # its DIFFUSION_MODEL wrapper)
+        to = dict(self.patched.model_options["transformer_options"], cond_or_uncond=[0], sigmas=sigma,
+                  wrappers=self.patched.wrappers)
+        to[ATTENTION_PROBE] = probe
+        if self.cfg.gradient_checkpointing:
+            to[GRADIENT_CHECKPOINT] = True
+        context = b["context"].to(self.device)
+        y = self.y_for(b["pooled"])
+        y = None if y is None else y.to(self.device)
+        with autocast(self.device, self.cfg.mixed_precision):
+            out = self.model.model.diffusion_model(self.sampling.calculate_input(sigma, x),
+                                                   self.sampling.timestep(sigma).float(), context=context, y=y,
+                                                   transformer_options=to)
+        diff = F.mse_loss(out.float(), eps)
+        h, w = latent.shape[-2:]
+        grids = {site: latent_grid(a.shape[1], h, w) for site, a in probe.items()}
+        atal = atal_loss(probe, grids, b["hole"].to(self.device), b["tokens"].to(self.device))
+        return dict(loss=diff + self.cfg.beta * atal, diffusion=diff, atal=atal)
+
+    def train_step(self, b) -> dict:
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = self.losses(b)
+        self.scaler.scale(parts["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {k: float(v.detach()) for k, v in parts.items()}
+
+    # -- files --
+    def save(self, path: Path) -> None:
+        sd = {k: v.detach().float().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        save_file(sd, str(path), metadata=self.metadata)
+
+    @torch.no_grad()
+    def sample(self, b, path: Path, steps: int) -> None:
+        """The first item of ``b`` inpainted with the current branch (euler, cfg 7.5) beside its masked input."""
+        was = self.net.training
+        self.net.eval()
+        try:
+            self.patch.cond = self.branch_cond(b["pixels"][:1], b["hole"][:1])
+            neg, neg_pooled, _ = self.encode_text("")
+            extra = {} if self.base != "sdxl" else dict(width=self.cfg.resolution, height=self.cfg.resolution)
+            positive = [[b["context"][:1], dict(extra, pooled_output=None if b["pooled"] is None
+                                                else b["pooled"][:1])]]
+            negative = [[neg, dict(extra, pooled_output=neg_pooled)]]
+            r = self.cfg.resolution // 8
+            latent = torch.zeros(1, 4, r, r)
+            noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(self.cfg.seed))
+            out = comfy.sample.sample(self.patched, noise, steps, 7.5, "euler", "normal", positive, negative,
+                                      latent, seed=self.cfg.seed, disable_pbar=True)
+            image = self.vae.decode(self.latent_format.process_out(out.to(torch.float32)))[0].movedim(-1, 0)
+            shown = b["pixels"][0] * (1 - b["hole"][0]) + 0.5 * b["hole"][0]
+            save_image(path, [shown, image])
+        finally:
+            self.net.train(was)
+
+    # -- the loop --
+    def run(self) -> Path:
+        cfg = self.cfg
+        out = Path(cfg.output)
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        data = ImageFolder(cfg.data, cfg.resolution)
+        state = out / "state.pt"
+        generators = {"mask": self.mask_rng, "data": self.data_rng}
+        step = load_state(state, self.net, self.optimizer, generators) if state.exists() else 0
+        if step:
+            log.info("resuming %s at step %d", out, step)
+        losses = LossLog(out / "loss.csv", ["loss", "diffusion", "atal"])
+        fixed = self.batch(data, [0], torch.Generator().manual_seed(cfg.seed + 2))    # the same after a resume
+        bar = tqdm(total=cfg.steps, initial=step, desc="PainterNet", unit="step")
+        while step < cfg.steps:
+            indices = torch.randint(0, len(data), (cfg.batch_size,), generator=self.data_rng).tolist()
+            parts = self.train_step(self.batch(data, indices))
+            if not math.isfinite(parts["loss"]):
+                raise FloatingPointError(f"the loss became {parts['loss']} at step {step + 1}")
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts['loss']:.4f}", atal=f"{parts['atal']:.3g}")
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                losses.write(step, parts)
+            if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
+                self.sample(fixed, out / "samples" / f"step_{step:07d}.png", cfg.sample_steps)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                self.save(out / "painternet.safetensors")
+                save_state(state, step, self.net.state_dict(), self.optimizer, generators)
+        bar.close()
+        return out / "painternet.safetensors"
+
+
+def main(argv=None):
+    cfg = parse_config(PainterNetConfig, argv, "train.py painternet")
+    path = PainterNetTrainer(cfg).run()
+    print(f"wrote {path}")
+
