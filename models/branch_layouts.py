@@ -665,8 +665,9 @@ def painternet_from_unet(unet_sd: Mapping[str, torch.Tensor], config: Mapping[st
     ``config`` (its ComfyUI ``unet_config``), as BrushNet initialises its branch: every UNet weight copied
     (cross-attention kept), the input conv widened from 4 to 9 channels with zeros for the masked-image latent and
     mask, no output head, and every zero connection (layer outputs and attention control points) at zero. The
-    result is in the internal naming; :func:`detect` with :func:`painternet_metadata` reads it back."""
-    sd = {k: v.detach().clone() for k, v in unet_sd.items() if not k.startswith("out.")}
+    result is in the internal naming; :func:`detect` with :func:`painternet_metadata` reads it back. Copied weights
+    are the UNet's own tensors (no copy of a multi-GB UNet): load the result into a module, which copies them."""
+    sd = {k: v for k, v in unet_sd.items() if not k.startswith("out.")}
     w = sd.get("input_blocks.0.0.weight")
     if w is None or w.ndim != 4 or w.shape[1] != 4:
         raise ValueError("the base UNet must take a 4-channel latent (a text-to-image SD1.5 / SDXL UNet); got "

@@ -155,14 +155,24 @@ def irregular_mask(seg: torch.Tensor, g: torch.Generator, settings: PainterMaskS
     return out
 
 
+def kind_mask(seg: torch.Tensor, kind: str, g: torch.Generator,
+              settings: PainterMaskSettings = PainterMaskSettings()) -> torch.Tensor:
+    """The mask of one kind in :data:`PAINTER_KINDS` drawn from ``seg``."""
+    if kind == "box":
+        return box_mask(seg, g, settings)
+    if kind == "irregular":
+        return irregular_mask(seg, g, settings)
+    if kind == "segmentation":
+        return _check(seg)
+    raise ValueError(f"mask kind must be one of {', '.join(PAINTER_KINDS)}; got {kind!r}")
+
+
 def painter_mask(seg: torch.Tensor, g: torch.Generator, settings: PainterMaskSettings = PainterMaskSettings()):
     """PainterNet's training mask (eq. 6) -> (mask, kind), kind in :data:`PAINTER_KINDS`."""
     k = _uniform(g)
-    if k <= PAINTER_THRESHOLDS[0]:
-        return box_mask(seg, g, settings), "box"
-    if k <= PAINTER_THRESHOLDS[1]:
-        return irregular_mask(seg, g, settings), "irregular"
-    return _check(seg), "segmentation"
+    kind = PAINTER_KINDS[0] if k <= PAINTER_THRESHOLDS[0] else PAINTER_KINDS[1] if k <= PAINTER_THRESHOLDS[1] \
+        else PAINTER_KINDS[2]
+    return kind_mask(seg, kind, g, settings), kind
 
 
 def random_blob(H: int, W: int, g: torch.Generator, coverage: tuple[float, float] = (0.05, 0.3)) -> torch.Tensor:

@@ -19,7 +19,6 @@ from torch import nn
 
 from comfy.ldm.modules.diffusionmodules.openaimodel import (ResBlock, TimestepEmbedSequential, Upsample, UNetModel,
                                                            forward_timestep_embed, timestep_embedding)
-from comfy.ldm.modules.diffusionmodules.openaimodel import forward_timestep_embed as _embed
 
 from comfy.ldm.modules.attention import SpatialTransformer
 
@@ -96,6 +95,7 @@ class BranchNet(nn.Module):
         self.zero_mid = zconv(mid_ch)
         self.zero_up = nn.ModuleList(zconv(c) for c in spec.up_channels)
         self.acp_sites = tuple(spec.acp_sites)
+        self.attn2_sites = tuple(transformer_sites(self))       # every cross-attention (the training probe's)
         self.zero_attn = nn.ModuleList(operations.Linear(c, c, dtype=dtype, device=device)
                                        for c in spec.acp_channels)
 
@@ -119,37 +119,37 @@ class BranchNet(nn.Module):
         probe = to.pop(ATTENTION_PROBE, None)
         checkpointed = to.pop(GRADIENT_CHECKPOINT, False) and torch.is_grad_enabled()
 
-        def forward_timestep_embed(block, h, emb, context, to, **kw):
+        def run_block(block, h):
             if checkpointed:
                 # a copy of the options: ``to["block"]`` moves on before the recomputation in backward
-                return torch.utils.checkpoint.checkpoint(_embed, block, h, emb, context, dict(to), use_reentrant=False,
-                                                         **kw)
-            return _embed(block, h, emb, context, to, **kw)
+                return torch.utils.checkpoint.checkpoint(forward_timestep_embed, block, h, emb, context, dict(to),
+                                                         use_reentrant=False)
+            return forward_timestep_embed(block, h, emb, context, to)
 
         if probe is not None:
-            to["patches_replace"] = {"attn2": {site: _probed_attention(probe) for site in transformer_sites(self)}}
+            to["patches_replace"] = {"attn2": {site: _probed_attention(probe) for site in self.attn2_sites}}
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
         if self.label_emb is not None:
             emb = emb + self.label_emb(y)
         h, hs, down, up = x, [], [], []
         for i, block in enumerate(self.input_blocks):
             to["block"] = ("input", i)
-            h = forward_timestep_embed(block, h, emb, context, to)
+            h = run_block(block, h)
             hs.append(h)
             down.append(self.zero_down[i](h))
         to["block"] = ("middle", 0)
-        h = forward_timestep_embed(self.middle_block, h, emb, context, to)
+        h = run_block(self.middle_block, h)
         mid = self.zero_mid(h)
         for i, block in enumerate(self.output_blocks):
             to["block"] = ("output", i)
             h = torch.cat([h, hs.pop()], dim=1)
             shape = hs[-1].shape if hs else None
             if isinstance(block[-1], Upsample):
-                h = forward_timestep_embed(block[:-1], h, emb, context, to)
+                h = run_block(block[:-1], h)
                 up.append(self.zero_up[len(up)](h))
                 h = block[-1](h, output_shape=shape)
             else:
-                h = forward_timestep_embed(block, h, emb, context, to)
+                h = run_block(block, h)
             up.append(self.zero_up[len(up)](h))
         attn = {}
         if self.acp_sites:

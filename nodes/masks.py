@@ -50,11 +50,7 @@ class TrainingMask(io.ComfyNode):
             segs = [masks.random_blob(height, width, g) for _ in range(batch_size)]
         out, kinds = [], []
         for seg in segs:
-            if kind == KINDS[0]:
-                m, k = masks.painter_mask(seg, g)
-            else:
-                m, k = {"box": masks.box_mask, "irregular": masks.irregular_mask,
-                        "segmentation": lambda s, _g: (s > 0.5).float()}[kind](seg, g), kind
+            m, k = masks.painter_mask(seg, g) if kind == KINDS[0] else (masks.kind_mask(seg, kind, g), kind)
             out.append(m)
             kinds.append(k)
         return io.NodeOutput(torch.stack(out), ", ".join(kinds))

@@ -109,9 +109,11 @@ def save_state(path: Path, step: int, trainable: dict, optimizer, generators: di
 def load_state(path: Path, module, optimizer, generators: dict) -> int:
     """Restores a :func:`save_state` file; -> the step to continue from."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    missing, unexpected = module.load_state_dict(state["trainable"], strict=False)
-    if unexpected or any(k in state["trainable"] for k in missing):
-        raise ValueError(f"{path} does not match this run's trainable weights ({len(unexpected)} foreign)")
+    try:
+        module.load_state_dict(state["trainable"])
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not match this run's trainable weights (another base model or method?): "
+                         f"{str(e)[:500]}") from None
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     for k, g in generators.items():

@@ -89,8 +89,7 @@ class PainterNetTrainer:
         self.base = _base_of(model)
         self.device = device or mm.get_torch_device()
         unet = model.model.diffusion_model
-        state = {k: v.float() for k, v in unet.state_dict().items()}
-        sd = branch_layouts.painternet_from_unet(state, model.model.model_config.unet_config)
+        sd = branch_layouts.painternet_from_unet(unet.state_dict(), model.model.model_config.unet_config)
         self.metadata = branch_layouts.painternet_metadata(self.base, cfg.mask)
         self.spec = branch_layouts.detect(sd, self.metadata, "the initial branch")
         net = BranchNet(self.spec, dtype=torch.float32, device=self.device, operations=comfy.ops.manual_cast)
@@ -138,9 +137,9 @@ class PainterNetTrainer:
         with torch.no_grad():
             return self.latent_format.process_in(self.vae.encode(pixels.movedim(1, -1)).float()).to(self.device)
 
-    def branch_cond(self, pixels: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
-        """What Apply Inpaint Branch builds: [masked-image latent, mask channel] (hole pixels set to 0)."""
-        masked = self.encode_image(pixels * (1 - hole))
+    def branch_cond(self, masked: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+        """What Apply Inpaint Branch builds from the latent of the masked image (hole pixels set to 0):
+        [masked-image latent, mask channel]."""
         m = nearest(hole, masked.shape[-2:]).to(self.device)
         return torch.cat([masked, 1 - m if self.cfg.mask == branch_layouts.MASK_KEEP else m], dim=1)
 
@@ -160,8 +159,9 @@ class PainterNetTrainer:
 
     # -- one step --
     def losses(self, b) -> dict:
-        latent = self.encode_image(b["pixels"])
-        self.patch.cond = self.branch_cond(b["pixels"], b["hole"])     # training only: this run's own patch
+        pixels, hole = b["pixels"], b["hole"]
+        latent, masked = self.encode_image(torch.cat([pixels, pixels * (1 - hole)])).chunk(2)   # one VAE call
+        self.patch.cond = self.branch_cond(masked, hole)     # training only: this run's own patch
         mm.load_models_gpu([self.patched])     # again, in case loading the VAE unloaded the UNet and its patches
         B = latent.shape[0]
         t = torch.randint(0, len(self.sampling.sigmas), (B,))
@@ -208,7 +208,8 @@ class PainterNetTrainer:
         was = self.net.training
         self.net.eval()
         try:
-            self.patch.cond = self.branch_cond(b["pixels"][:1], b["hole"][:1])
+            pixels, hole = b["pixels"][:1], b["hole"][:1]
+            self.patch.cond = self.branch_cond(self.encode_image(pixels * (1 - hole)), hole)
             neg, neg_pooled, _ = self.encode_text("")
             extra = {} if self.base != "sdxl" else dict(width=self.cfg.resolution, height=self.cfg.resolution)
             positive = [[b["context"][:1], dict(extra, pooled_output=None if b["pooled"] is None

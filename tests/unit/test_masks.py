@@ -117,3 +117,8 @@ def test_dilate_equals_opencv(k, it):
     m = (torch.rand(37, 29, generator=g) > 0.95).float()
     want = cv2.dilate(m.numpy().astype(np.uint8), np.ones((k, k), np.uint8), iterations=it)
     assert np.array_equal(masks.dilate(m, k, it).numpy().astype(np.uint8), want)
+
+
+def test_unknown_kind_is_named():
+    with pytest.raises(ValueError, match="box, irregular, segmentation"):
+        masks.kind_mask(_seg(), "circle", torch.Generator())
