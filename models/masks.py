@@ -185,3 +185,162 @@ def random_blob(H: int, W: int, g: torch.Generator, coverage: tuple[float, float
     cy, cx = _uniform(g, b, max(b, H - b)), _uniform(g, a, max(a, W - a))
     ys, xs = _grid(H, W)
     return ((((ys - cy) / b) ** 2 + ((xs - cx) / a) ** 2) <= 1).float()
+
+
+# -- ASUKA (§3.1 "Training MAE") -------------------------------------------------------------------------------
+# The mask basis: object-shape masks 50 % (each combined with an irregular mask half of the time), irregular masks
+# 40 % (the Co-Mod and LaMa styles), regular masks 10 % (a rectangle or its complement); the hole ratio is kept in
+# [0.1, 0.75]. The MAE is then trained with the hole enlarged to 75 % of its tokens by whole random patches
+# (:func:`fill_tokens`); the alignment module and the decoder train on the basis masks as they are.
+ASUKA_KINDS = ("object", "irregular", "regular")
+
+
+@dataclass(frozen=True)
+class AsukaMaskSettings:
+    odds: tuple[float, float, float] = (0.5, 0.4, 0.1)   # object / irregular / regular (paper)
+    object_with_irregular: float = 0.5                   # paper: an object mask is joined with an irregular one 50 %
+    ratio: tuple[float, float] = (0.1, 0.75)             # paper: the hole ratio is kept in this range
+    tries: int = 30          # redraws of the chosen kind until the ratio fits; then a rectangle of a fitting area
+    # Our choices (the paper only names the styles). LaMa-style: U{1..5} polylines of U{1..6} segments, turning by
+    # U[0, 4] rad, length U[0.05, 0.3] x side, width U[0.03, 0.12] x side. Co-Mod-style: U{1..4} brush strokes of
+    # U{4..12} segments turning around 2pi/5 +- 2pi/15, width U[0.02, 0.09] x side, plus U{0..2} rectangles of side
+    # U[0.1, 0.5] x the image side.
+    lama_strokes: int = 5
+    lama_segments: int = 6
+    lama_width: tuple[float, float] = (0.03, 0.12)
+    lama_length: tuple[float, float] = (0.05, 0.3)
+    comod_strokes: int = 4
+    comod_segments: tuple[int, int] = (4, 12)
+    comod_width: tuple[float, float] = (0.02, 0.09)
+    comod_boxes: int = 2
+    # objects are moved to a random place inside the image and flipped left-right half of the time
+    # regular: a rectangle of sides U[0.3, 0.9], or everything but a rectangle of sides U[0.5, 0.95]
+    rect_side: tuple[float, float] = (0.3, 0.9)
+    complement_side: tuple[float, float] = (0.5, 0.95)
+
+
+def _polyline(mask: torch.Tensor, g: torch.Generator, segments: int, turn, length, width) -> None:
+    """One stroke from a random point: ``segments`` pieces, each turning by ``turn()`` radians."""
+    H, W = mask.shape
+    side = min(H, W)
+    y, x = _uniform(g, 0, H), _uniform(g, 0, W)
+    angle = _uniform(g, 0, 2 * math.pi)
+    w = _uniform(g, *width) * side
+    for _ in range(segments):
+        angle += turn()
+        n = _uniform(g, *length) * side
+        y1 = min(max(y + n * math.sin(angle), 0.0), float(H))
+        x1 = min(max(x + n * math.cos(angle), 0.0), float(W))
+        draw_line(mask, (y, x), (y1, x1), w)
+        y, x = y1, x1
+
+
+def lama_mask(H: int, W: int, g: torch.Generator, s: AsukaMaskSettings = AsukaMaskSettings()) -> torch.Tensor:
+    """Thick random polylines in the style of LaMa's irregular masks."""
+    m = torch.zeros(H, W)
+    for _ in range(_randint(g, 1, s.lama_strokes)):
+        _polyline(m, g, _randint(g, 1, s.lama_segments), lambda: _uniform(g, 0, 4.0), s.lama_length, s.lama_width)
+    return m
+
+
+def comod_mask(H: int, W: int, g: torch.Generator, s: AsukaMaskSettings = AsukaMaskSettings()) -> torch.Tensor:
+    """Brush strokes and rectangles in the style of Co-Mod-GAN's free-form masks."""
+    m = torch.zeros(H, W)
+    for _ in range(_randint(g, 0, s.comod_boxes)):
+        bh, bw = round(_uniform(g, 0.1, 0.5) * H), round(_uniform(g, 0.1, 0.5) * W)
+        t, l = _randint(g, 0, H - bh), _randint(g, 0, W - bw)
+        m[t:t + bh, l:l + bw] = 1
+    mean, spread = 2 * math.pi / 5, 2 * math.pi / 15
+    for _ in range(_randint(g, 1, s.comod_strokes)):
+        sign = 1 if _uniform(g) < 0.5 else -1
+        _polyline(m, g, _randint(g, *s.comod_segments), lambda: sign * _uniform(g, mean - spread, mean + spread),
+                  (0.03, 0.12), s.comod_width)
+    return m
+
+
+def object_mask(shape: torch.Tensor, H: int, W: int, g: torch.Generator) -> torch.Tensor:
+    """An object's shape (a segmentation mask of any image, [h, w]) placed at a random spot of an H x W mask and
+    flipped left-right half of the time; shapes larger than the mask are shrunk to fit (nearest)."""
+    shape = _check(shape)
+    box = bounding_box(shape)
+    if box is None:
+        raise ValueError("the object shape is empty")
+    t, l, b, r = box
+    obj = shape[t:b, l:r]
+    scale = min(1.0, H / obj.shape[0], W / obj.shape[1])
+    if scale < 1:
+        size = (max(1, int(obj.shape[0] * scale)), max(1, int(obj.shape[1] * scale)))
+        obj = F.interpolate(obj[None, None], size=size, mode="nearest")[0, 0]
+    if _uniform(g) < 0.5:
+        obj = obj.flip(-1)
+    oy, ox = _randint(g, 0, H - obj.shape[0]), _randint(g, 0, W - obj.shape[1])
+    out = torch.zeros(H, W)
+    out[oy:oy + obj.shape[0], ox:ox + obj.shape[1]] = obj
+    return out
+
+
+def regular_mask(H: int, W: int, g: torch.Generator, s: AsukaMaskSettings = AsukaMaskSettings()) -> torch.Tensor:
+    """A rectangle, or (half of the time) everything but a rectangle."""
+    complement = _uniform(g) < 0.5
+    lo, hi = s.complement_side if complement else s.rect_side
+    bh, bw = max(1, round(_uniform(g, lo, hi) * H)), max(1, round(_uniform(g, lo, hi) * W))
+    t, l = _randint(g, 0, H - bh), _randint(g, 0, W - bw)
+    m = torch.zeros(H, W)
+    m[t:t + bh, l:l + bw] = 1
+    return 1 - m if complement else m
+
+
+def asuka_kind_mask(kind: str, H: int, W: int, g: torch.Generator, shape: torch.Tensor | None = None,
+                    s: AsukaMaskSettings = AsukaMaskSettings()) -> torch.Tensor:
+    """One draw of a basis kind (no ratio control). ``shape``: the object shape for ``object`` (else an ellipse)."""
+    if kind == "object":
+        m = object_mask(shape if shape is not None and shape.max() > 0.5 else random_blob(H, W, g), H, W, g)
+        if _uniform(g) < s.object_with_irregular:
+            m = torch.maximum(m, lama_mask(H, W, g, s) if _uniform(g) < 0.5 else comod_mask(H, W, g, s))
+        return m
+    if kind == "irregular":
+        return lama_mask(H, W, g, s) if _uniform(g) < 0.5 else comod_mask(H, W, g, s)
+    if kind == "regular":
+        return regular_mask(H, W, g, s)
+    raise ValueError(f"ASUKA mask kind must be one of {', '.join(ASUKA_KINDS)}; got {kind!r}")
+
+
+def asuka_mask(H: int, W: int, g: torch.Generator, shape: torch.Tensor | None = None,
+               s: AsukaMaskSettings = AsukaMaskSettings()) -> tuple[torch.Tensor, str]:
+    """ASUKA's training mask -> (mask, kind). The kind is drawn first with the paper's odds, then masks of that kind
+    are drawn until the hole ratio lies in ``s.ratio`` (so the odds hold exactly); after ``s.tries`` misses a
+    rectangle of a fitting area stands in (a rare event, counted as the chosen kind)."""
+    k, lo, hi = _uniform(g), *s.ratio
+    kind = ASUKA_KINDS[0] if k < s.odds[0] else ASUKA_KINDS[1] if k < s.odds[0] + s.odds[1] else ASUKA_KINDS[2]
+    for _ in range(s.tries):
+        m = asuka_kind_mask(kind, H, W, g, shape, s)
+        if lo <= float(m.mean()) <= hi:
+            return m, kind
+    area = _uniform(g, lo, hi) * H * W
+    aspect = _uniform(g, 0.5, 2.0)
+    bh = min(H, max(1, round(math.sqrt(area / aspect))))
+    bw = min(W, max(1, round(area / bh)))
+    t, l = _randint(g, 0, H - bh), _randint(g, 0, W - bw)
+    m = torch.zeros(H, W)
+    m[t:t + bh, l:l + bw] = 1
+    return m, kind
+
+
+def fill_tokens(mask: torch.Tensor, patch: int, target: float, g: torch.Generator) -> torch.Tensor:
+    """MAE fine-tuning: holes that touch fewer than ``target`` of the ``patch`` x ``patch`` tokens get random whole
+    tokens added until they touch ``ceil(target * tokens)`` of them (the paper's "enlarge the mask ratio to 75 % with
+    randomly selected mask regions"). mask: [H, W], H and W multiples of ``patch``."""
+    H, W = mask.shape
+    if H % patch or W % patch:
+        raise ValueError(f"mask size {W}x{H} is not a multiple of the patch size {patch}")
+    gh, gw = H // patch, W // patch
+    touched = (mask > 0).reshape(gh, patch, gw, patch).any(dim=3).any(dim=1).reshape(-1)
+    need = math.ceil(target * gh * gw) - int(touched.sum())
+    if need <= 0:
+        return mask.clone()
+    free = (~touched).nonzero()[:, 0]
+    pick = free[torch.randperm(free.numel(), generator=g)[:need]]
+    add = torch.zeros(gh * gw)
+    add[pick] = 1
+    add = add.reshape(gh, 1, gw, 1).expand(gh, patch, gw, patch).reshape(H, W)
+    return torch.maximum(mask, add)

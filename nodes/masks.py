@@ -1,5 +1,5 @@
-"""Training Mask: the masks PainterNet trains on, drawn in a graph (to look at them, or to test an inpaint graph
-with the kinds of masks users paint)."""
+"""Training Mask: the masks PainterNet and ASUKA train on, drawn in a graph (to look at them, or to test an inpaint
+graph with the kinds of masks users paint)."""
 from __future__ import annotations
 
 import torch
@@ -9,7 +9,9 @@ from ..models import masks
 from .common import check_finite
 
 CATEGORY = "inpaint/consistent/training"
-KINDS = ["mix (PainterNet 25/50/25)", *masks.PAINTER_KINDS]
+PAINTER_MIX, ASUKA_MIX = "mix (PainterNet 25/50/25)", "mix (ASUKA 50/40/10)"
+ASUKA_PREFIX = "ASUKA "
+KINDS = [PAINTER_MIX, *masks.PAINTER_KINDS, ASUKA_MIX, *(ASUKA_PREFIX + k for k in masks.ASUKA_KINDS)]
 
 
 class TrainingMask(io.ComfyNode):
@@ -17,12 +19,14 @@ class TrainingMask(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="ConsistentInpaintTrainingMask",
-            display_name="Training Mask (PainterNet)",
+            display_name="Training Mask",
             category=CATEGORY,
             description="Draws PainterNet's training masks from a region mask: its bounding box pushed out at random, "
                         "an irregular finger-painted mask (the region dilated, then strokes), or the region itself; "
-                        "'mix' picks one per image with the paper's 25/50/25 odds. Without a region mask, a random "
-                        "ellipse stands in for it.",
+                        "'mix' picks one per image with the paper's 25/50/25 odds. ASUKA's mask basis: an object shape "
+                        "(the region moved to a random place, joined with strokes half of the time), irregular "
+                        "strokes (LaMa / Co-Mod style) or a rectangle or its complement, hole ratio 0.1-0.75; its mix "
+                        "has the paper's 50/40/10 odds. Without a region mask, a random ellipse stands in for it.",
             inputs=[
                 io.Combo.Input("kind", options=KINDS, default=KINDS[0]),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF),
@@ -50,7 +54,15 @@ class TrainingMask(io.ComfyNode):
             segs = [masks.random_blob(height, width, g) for _ in range(batch_size)]
         out, kinds = [], []
         for seg in segs:
-            m, k = masks.painter_mask(seg, g) if kind == KINDS[0] else (masks.kind_mask(seg, kind, g), kind)
+            if kind == PAINTER_MIX:
+                m, k = masks.painter_mask(seg, g)
+            elif kind == ASUKA_MIX:
+                m, k = masks.asuka_mask(*seg.shape, g, seg)
+                k = ASUKA_PREFIX + k
+            elif kind.startswith(ASUKA_PREFIX):
+                m, k = masks.asuka_kind_mask(kind[len(ASUKA_PREFIX):], *seg.shape, g, seg), kind
+            else:
+                m, k = masks.kind_mask(seg, kind, g), kind
             out.append(m)
             kinds.append(k)
         return io.NodeOutput(torch.stack(out), ", ".join(kinds))
