@@ -16,6 +16,7 @@ from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .imaging import resize_area_uint8, resize_nearest, token_coverage
@@ -152,6 +153,7 @@ class MAEPrior(nn.Module):
         self.decoder_patch_embed = PatchEmbed(c.in_chans + 1, c.decoder_embed_dim, c.patch_size,
                                               operations=operations, **kw)
         self.alpha = nn.Parameter(torch.ones((), **kw), requires_grad=False)
+        self.checkpointing = False   # training only (the ASUKA MAE trainer)
 
     # -- preprocessing ---------------------------------------------------------------------------------
     def preprocess(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,12 +163,15 @@ class MAEPrior(nn.Module):
         mask resized with nearest and kept soft.
         """
         s = (self.config.img_size, self.config.img_size)
-        x = resize_area_uint8(image.float(), s)
+        m = resize_nearest(mask.float(), s)
+        return self.normalise(image) * (m < 0.5), m
+
+    def normalise(self, image: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] in [0,1] -> ImageNet-normalised at the MAE's size (uint8 OpenCV-area resize)."""
+        x = resize_area_uint8(image.float(), (self.config.img_size, self.config.img_size))
         mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        m = resize_nearest(mask.float(), s)
-        x = (x - mean) / std * (m < 0.5)
-        return x, m
+        return (x - mean) / std
 
     # -- encoder ---------------------------------------------------------------------------------------
     def forward_encoder(self, x: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
@@ -181,8 +186,14 @@ class MAEPrior(nn.Module):
         key_bias = torch.zeros(excluded.shape, dtype=h.dtype, device=h.device)
         key_bias = key_bias.masked_fill(excluded, float("-inf"))[:, None, None, :]
         for blk in self.blocks:
-            h = blk(h, key_bias)
+            h = self._block(blk, h, key_bias)
         return self.norm(h)
+
+    def _block(self, blk, *args):
+        """A block, recomputed in backward when training with ``checkpointing`` on."""
+        if self.checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(blk, *args, use_reentrant=False)
+        return blk(*args)
 
     # -- decoder ---------------------------------------------------------------------------------------
     def decoder_tokens(self, latent: torch.Tensor, x: torch.Tensor, m: torch.Tensor,
@@ -202,13 +213,8 @@ class MAEPrior(nn.Module):
         x = tokens.reshape(tokens.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(tokens.shape[0], c, g * p, g * p)
 
-    def forward(self, image: torch.Tensor, mask: torch.Tensor,
-                reconstruct: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """image: [B,3,H,W] in [0,1]; mask: [B,1,H,W], 1 = hole.
-
-        Returns the prior [B, L, D_dec] (input of decoder block 6; zeros where the whole image is hole,
-        as the authors do) and, if ``reconstruct``, the MAE reconstruction [B,3,S,S] in [0,1].
-        """
+    def run(self, image: torch.Tensor, mask: torch.Tensor, reconstruct: bool = True):
+        """-> (prior [B, L, D_dec] or zeros for a full hole, final decoder hidden state or None, coverage [B, L])."""
         x, m = self.preprocess(image, mask)
         dtype = self.decoder_embed.weight.dtype
         x, m = x.to(dtype), m.to(dtype)
@@ -220,9 +226,24 @@ class MAEPrior(nn.Module):
                 prior = h
                 if not reconstruct:
                     break
-            h = blk(h)
+            h = self._block(blk, h)
         full = (coverage >= 1).all(dim=1)
         prior = torch.where(full[:, None, None], torch.zeros_like(prior), prior)
+        return prior, (h if reconstruct else None), coverage
+
+    def predict(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training: -> (reconstruction [B,3,S,S] in ImageNet-normalised units, token coverage [B, L])."""
+        _, h, coverage = self.run(image, mask)
+        return self.unpatchify(self.decoder_pred(self.decoder_norm(h)).float()), coverage
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor,
+                reconstruct: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """image: [B,3,H,W] in [0,1]; mask: [B,1,H,W], 1 = hole.
+
+        Returns the prior [B, L, D_dec] (input of decoder block 6; zeros where the whole image is hole,
+        as the authors do) and, if ``reconstruct``, the MAE reconstruction [B,3,S,S] in [0,1].
+        """
+        prior, h, _ = self.run(image, mask, reconstruct)
         if not reconstruct:
             return prior, None
         pixels = self.unpatchify(self.decoder_pred(self.decoder_norm(h)).float())

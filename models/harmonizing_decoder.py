@@ -19,6 +19,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .layers import AttentionFn, sdpa_attention, torch_ops
@@ -47,6 +48,31 @@ def convert_released(sd: Mapping[str, torch.Tensor], path: str = "decoder") -> d
     if any(k.startswith("decoder.") for k in sd):
         sd = strip_prefix(sd, "decoder.")
     return {k: v for k, v in sd.items() if not k.startswith(IGNORED_PREFIXES)}
+
+
+def condition_layers(level_channels, mid_channels: int, in_channels: int = 4) -> tuple[tuple[int, int, int], ...]:
+    """The condition encoder for a decoder: one feature map per place the decoder's features are replaced — the
+    full-resolution input (``level_channels[1]``) and output (``level_channels[0]``) of level 0, the input of each
+    lower level, and the latent-resolution mid features — as 3x3 stride-1 convs, then 4x4 stride-2 convs (the layout
+    of ``asuka_decoder.ckpt``: 4->128, 128->256, 256->512 s2, 512->512 s2, 512->512 s2 for the SD/FLUX VAE)."""
+    c = list(level_channels)
+    layers = [(in_channels, c[0], 3), (c[0], c[1], 3)]
+    layers += [(c[k], c[k + 1], 4) for k in range(1, len(c) - 1)]
+    return tuple(layers + [(c[-1], mid_channels, 4)])
+
+
+def config_from_vae_decoder(sd: Mapping[str, torch.Tensor], path: str = "VAE decoder") -> DecoderConfig:
+    """A harmonizing decoder shaped like a KL-VAE's decoder (``conv_in``, ``mid``, ``up.*`` keys without the prefix),
+    for training one from that VAE (the weights shared by name; the condition encoder is new)."""
+    require_keys(sd, ("conv_in.weight", "mid.attn_1.q.weight", "conv_out.weight", "up.0.block.0.conv1.weight"),
+                 "a KL-VAE decoder", path)
+    levels = count_indexed(sd, "up.")
+    level_channels = tuple(sd[f"up.{i}.block.0.conv1.weight"].shape[0] for i in range(levels))
+    mid = sd["conv_in.weight"].shape[0]
+    return DecoderConfig(z_channels=sd["conv_in.weight"].shape[1], out_channels=sd["conv_out.weight"].shape[0],
+                         level_channels=level_channels, mid_channels=mid,
+                         num_res_blocks=count_indexed(sd, "up.0.block.") - 1,
+                         cond_layers=condition_layers(level_channels, mid, sd["conv_out.weight"].shape[0] + 1))
 
 
 def config_from_state_dict(sd: Mapping[str, torch.Tensor], path: str = "decoder") -> DecoderConfig:
@@ -168,17 +194,23 @@ class HarmonizingDecoder(nn.Module):
         self.norm_out = operations.GroupNorm(32, block_in, eps=GN_EPS, affine=True, **kw)
         self.conv_out = operations.Conv2d(block_in, c.out_channels, 3, padding=1, **kw)
         self.encoder = ConditionEncoder(c.cond_layers, operations=operations, **kw)
+        self.checkpointing = False   # training only: recompute the res blocks in backward
+
+    def _run(self, block, h):
+        if self.checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
+        return block(h)
 
     def forward(self, z: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """z: [B, zc, h, w] VAE latent; image: [B, 3, 8h, 8w] in [-1, 1]; mask: [B, 1, 8h, 8w] -> [B, 3, 8h, 8w]."""
         dtype = self.conv_in.weight.dtype
         z, image, mask = z.to(dtype), image.to(dtype), mask.to(dtype)
-        h = self.mid(self.conv_in(z))
+        h = self._run(self.mid, self.conv_in(z))
         feats = self.encoder((1 - mask) * image, mask)
         for i in reversed(range(len(self.up))):
             h = replace_known(h, feats, (F.interpolate(mask, size=h.shape[-2:], mode="area") > 0).to(h.dtype))
             for block in self.up[i].block:
-                h = block(h)
+                h = self._run(block, h)
             if i != 0:
                 h = self.up[i].upsample(h)
         h = replace_known(h, feats, mask)

@@ -126,3 +126,63 @@ def resize_nearest(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def token_coverage(mask: torch.Tensor, grid: int) -> torch.Tensor:
     """Fraction of each patch that is hole: area-downsample [B,1,S,S] -> [B, grid*grid]."""
     return F.interpolate(mask, size=(grid, grid), mode="area").flatten(1)
+
+
+# -- colour jitter (ASUKA's decoder training), without torchvision -------------------------------------------------
+def _gray(img: torch.Tensor) -> torch.Tensor:
+    """[..., 3, H, W] -> [..., 1, H, W], ITU-R 601 luma (the weights torchvision's ColorJitter uses)."""
+    r, g, b = img.unbind(-3)
+    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
+
+
+def rgb_to_hsv(img: torch.Tensor) -> torch.Tensor:
+    """[..., 3, H, W] in [0, 1] -> h, s, v in [0, 1] (h = 0 for grey pixels)."""
+    r, g, b = img.unbind(-3)
+    maxc, minc = img.max(dim=-3).values, img.min(dim=-3).values
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    h = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    h = torch.where(delta > 0, (h / 6) % 1.0, torch.zeros_like(h))
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    return torch.stack([h, s, maxc], dim=-3)
+
+
+def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    h, s, v = hsv.unbind(-3)
+    h6 = (h % 1.0) * 6
+    i = torch.floor(h6)
+    f = h6 - i
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    i = i.long() % 6
+    table = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    out = [torch.zeros_like(v) for _ in range(3)]
+    for k, rgb in enumerate(table):
+        sel = i == k
+        for c in range(3):
+            out[c] = torch.where(sel, rgb[c], out[c])
+    return torch.stack(out, dim=-3)
+
+
+def color_jitter(img: torch.Tensor, generator: torch.Generator, brightness: float, contrast: float,
+                 saturation: float, hue: float) -> torch.Tensor:
+    """torchvision ``ColorJitter`` semantics per image of a [B, 3, H, W] batch in [0, 1]: factors
+    U[1-b, 1+b], U[1-c, 1+c], U[1-s, 1+s] and a hue shift U[-h, h], applied in a random order; brightness scales,
+    contrast blends with the image's mean luma, saturation with the pixel's luma, hue rotates in HSV; clamped to
+    [0, 1] after each."""
+    out = []
+    for x in img:
+        for op in torch.randperm(4, generator=generator).tolist():
+            u = float(torch.rand((), generator=generator)) * 2 - 1
+            if op == 0 and brightness:
+                x = (x * (1 + brightness * u)).clamp(0, 1)
+            elif op == 1 and contrast:
+                f = 1 + contrast * u
+                x = (f * x + (1 - f) * _gray(x).mean()).clamp(0, 1)
+            elif op == 2 and saturation:
+                f = 1 + saturation * u
+                x = (f * x + (1 - f) * _gray(x)).clamp(0, 1)
+            elif op == 3 and hue:
+                hsv = rgb_to_hsv(x)
+                x = hsv_to_rgb(torch.cat([(hsv[:1] + hue * u) % 1.0, hsv[1:]])).clamp(0, 1)
+        out.append(x)
+    return torch.stack(out)
