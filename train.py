@@ -1,6 +1,8 @@
 """Training entry point, run from a checkout of the pack:
 
-    COMFYUI_PATH=/path/to/ComfyUI python train.py painternet --config painternet.toml [--steps 2000 ...]
+    COMFYUI_PATH=/path/to/ComfyUI python train.py <method> --config method.toml [--steps 2000 ...]
+
+Methods: painternet, asuka_mae, asuka_alignment, asuka_decoder.
 
 ``python train.py <method> --help`` lists every option. The methods read their models through ComfyUI (its
 model loading and the pack's own nodes), so ComfyUI must be importable: ``COMFYUI_PATH`` names its folder
@@ -16,7 +18,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-METHODS = {"painternet": "training.painternet"}
+# method -> "module" (its main) or "module:function"
+METHODS = {
+    "painternet": "training.painternet",
+    "asuka_mae": "training.asuka:main_mae",
+    "asuka_alignment": "training.asuka:main_alignment",
+    "asuka_decoder": "training.asuka:main_decoder",
+}
 PACKAGE = "consistent_inpaint"
 
 
@@ -54,8 +62,8 @@ def main(argv: list[str] | None = None):
         raise SystemExit(f"usage: python train.py {{{','.join(METHODS)}}} --config FILE.toml [--option value ...]")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import_pack()
-    module = importlib.import_module(f"{PACKAGE}.{METHODS[argv[0]]}")
-    module.main(argv[1:])
+    module, _, function = METHODS[argv[0]].partition(":")
+    getattr(importlib.import_module(f"{PACKAGE}.{module}"), function or "main")(argv[1:])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import argparse
 import csv
 import dataclasses
 import logging
+import math
 import os
 import tomllib
 from contextlib import nullcontext
@@ -14,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from PIL import Image
+from tqdm import tqdm
 
 log = logging.getLogger("consistent_inpaint.training")
 
@@ -154,3 +157,66 @@ def save_image(path: Path, images: list[torch.Tensor]) -> None:
 def nearest(mask: torch.Tensor, hw) -> torch.Tensor:
     """[B, 1, H, W] -> [B, 1, h, w] by nearest (BrushNet's mask resize)."""
     return F.interpolate(mask, size=hw, mode="nearest")
+
+
+def cosine_lr(base: float, step: int, steps: int) -> float:
+    """Cosine decay from ``base`` at step 0 to 0 at ``steps``."""
+    return base * 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
+
+
+def checkpointed(fn, *args):
+    """``fn(*args)`` recomputed in backward (non-reentrant activation checkpointing) when gradients are on."""
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+@dataclasses.dataclass
+class Loop:
+    """The loop every trainer shares: resume from ``state.pt``, draw a batch, one optimiser step, log, sample, save.
+
+    ``step_fn(step) -> {name: float}`` does one optimiser step (``step`` counts from 0) and returns the losses named in
+    ``loss_names`` (the first is the total, checked to be finite); ``sample_fn(path)`` writes a sample image;
+    ``save_fn()`` writes the output file and returns its path."""
+    name: str
+    output: str
+    steps: int
+    module: torch.nn.Module              # what state.pt keeps (the trainable network)
+    optimizer: torch.optim.Optimizer
+    generators: dict
+    loss_names: list
+    step_fn: object
+    save_fn: object
+    sample_fn: object = None
+    log_every: int = 10
+    save_every: int = 500
+    sample_every: int = 0
+
+    def run(self) -> Path:
+        out = Path(self.output)
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        state = out / "state.pt"
+        step = load_state(state, self.module, self.optimizer, self.generators) if state.exists() else 0
+        if step:
+            log.info("resuming %s at step %d", out, step)
+        losses = LossLog(out / "loss.csv", self.loss_names)
+        bar = tqdm(total=self.steps, initial=step, desc=self.name, unit="step")
+        path = None
+        while step < self.steps:
+            parts = self.step_fn(step)
+            total = parts[self.loss_names[0]]
+            if not math.isfinite(total):
+                raise FloatingPointError(f"the loss became {total} at step {step + 1}")
+            step += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{parts[k]:.4g}" for k in self.loss_names[:2]})
+            if step % self.log_every == 0 or step == self.steps:
+                losses.write(step, parts)
+            if self.sample_fn is not None and self.sample_every and (step % self.sample_every == 0
+                                                                     or step == self.steps):
+                self.sample_fn(out / "samples" / f"step_{step:07d}.png")
+            if step % self.save_every == 0 or step == self.steps:
+                path = self.save_fn()
+                save_state(state, step, self.module.state_dict(), self.optimizer, self.generators)
+        bar.close()
+        return path if path is not None else self.save_fn()

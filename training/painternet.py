@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 import comfy.model_management as mm
 import comfy.model_sampling
@@ -36,7 +35,7 @@ from ..models.largen import latent_grid
 from ..nodes.branch import BranchPatch, InpaintBranch
 from ..nodes.branch_unet import ATTENTION_PROBE, GRADIENT_CHECKPOINT, BranchNet
 from ..nodes.common import wrap_patcher
-from .common import ImageFolder, LossLog, autocast, load_state, nearest, parse_config, save_image, save_state
+from .common import ImageFolder, Loop, autocast, nearest, parse_config, save_image
 
 log = logging.getLogger("consistent_inpaint.training.painternet")
 
@@ -176,11 +175,12 @@ class PainterNetTrainer:
         to[ATTENTION_PROBE] = probe
         if self.cfg.gradient_checkpointing:
             to[GRADIENT_CHECKPOINT] = True
-        context = b["context"].to(self.device)
+        dtype = self.model.model.manual_cast_dtype or self.model.model.get_dtype()   # as BaseModel._apply_model
+        context = b["context"].to(self.device, dtype)
         y = self.y_for(b["pooled"])
-        y = None if y is None else y.to(self.device)
+        y = None if y is None else y.to(self.device, dtype)
         with autocast(self.device, self.cfg.mixed_precision):
-            out = self.model.model.diffusion_model(self.sampling.calculate_input(sigma, x),
+            out = self.model.model.diffusion_model(self.sampling.calculate_input(sigma, x).to(dtype),
                                                    self.sampling.timestep(sigma).float(), context=context, y=y,
                                                    transformer_options=to)
         diff = F.mse_loss(out.float(), eps)
@@ -229,34 +229,22 @@ class PainterNetTrainer:
     # -- the loop --
     def run(self) -> Path:
         cfg = self.cfg
-        out = Path(cfg.output)
-        (out / "samples").mkdir(parents=True, exist_ok=True)
         data = ImageFolder(cfg.data, cfg.resolution)
-        state = out / "state.pt"
-        generators = {"mask": self.mask_rng, "data": self.data_rng}
-        step = load_state(state, self.net, self.optimizer, generators) if state.exists() else 0
-        if step:
-            log.info("resuming %s at step %d", out, step)
-        losses = LossLog(out / "loss.csv", ["loss", "diffusion", "atal"])
         fixed = self.batch(data, [0], torch.Generator().manual_seed(cfg.seed + 2))    # the same after a resume
-        bar = tqdm(total=cfg.steps, initial=step, desc="PainterNet", unit="step")
-        while step < cfg.steps:
+        out = Path(cfg.output)
+
+        def step_fn(step):
             indices = torch.randint(0, len(data), (cfg.batch_size,), generator=self.data_rng).tolist()
-            parts = self.train_step(self.batch(data, indices))
-            if not math.isfinite(parts["loss"]):
-                raise FloatingPointError(f"the loss became {parts['loss']} at step {step + 1}")
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{parts['loss']:.4f}", atal=f"{parts['atal']:.3g}")
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                losses.write(step, parts)
-            if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
-                self.sample(fixed, out / "samples" / f"step_{step:07d}.png", cfg.sample_steps)
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                self.save(out / "painternet.safetensors")
-                save_state(state, step, self.net.state_dict(), self.optimizer, generators)
-        bar.close()
-        return out / "painternet.safetensors"
+            return self.train_step(self.batch(data, indices))
+
+        def save_fn():
+            self.save(out / "painternet.safetensors")
+            return out / "painternet.safetensors"
+
+        return Loop(name="PainterNet", output=cfg.output, steps=cfg.steps, module=self.net, optimizer=self.optimizer,
+                    generators={"mask": self.mask_rng, "data": self.data_rng}, loss_names=["loss", "diffusion", "atal"],
+                    step_fn=step_fn, save_fn=save_fn, sample_fn=lambda path: self.sample(fixed, path, cfg.sample_steps),
+                    log_every=cfg.log_every, save_every=cfg.save_every, sample_every=cfg.sample_every).run()
 
 
 def main(argv=None):

@@ -196,3 +196,32 @@ def test_training_mask_node(comfy, run_prompt):
     masks3 = r.output(mix.id, 0)
     assert masks3.shape == (3, 48, 64) and len(r.output(mix.id, 1).split(", ")) == 3
     assert torch.equal(masks3, r.output(again.id, 0))                         # the seed decides
+
+
+def test_training_mask_node_asuka_kinds(comfy, run_prompt):
+    g = comfy.graph()
+    mix = g.node("ConsistentInpaintTrainingMask", kind="mix (ASUKA 50/40/10)", seed=1, width=64, height=48,
+                 batch_size=12)
+    rect = g.node("CITestRectMask", width=64, height=48, x=10, y=8, w=20, h=16)
+    obj = g.node("ConsistentInpaintTrainingMask", kind="ASUKA object", seed=2, width=512, height=512, batch_size=1,
+                 region=rect.out(0))
+    reg = g.node("ConsistentInpaintTrainingMask", kind="ASUKA regular", seed=3, width=64, height=48, batch_size=4)
+    for n in (mix, obj, reg):
+        g.node("CITestCapture", value=n.out(0))
+    r = run_prompt(g)
+    m = r.output(mix.id, 0)
+    assert m.shape == (12, 48, 64)
+    ratios = m.mean(dim=(1, 2))
+    assert (ratios >= 0.1).all() and (ratios <= 0.75).all()
+    kinds = r.output(mix.id, 1).split(", ")
+    assert len(kinds) == 12 and set(kinds) <= {"ASUKA object", "ASUKA irregular", "ASUKA regular"}
+    o = r.output(obj.id, 0)[0]
+    assert o.shape == (48, 64)
+    hits = torch.nn.functional.conv2d(o[None, None], torch.ones(1, 1, 16, 20))[0, 0]
+    assert (hits >= 16 * 20).any()                                            # the region's shape, moved
+    for one in r.output(reg.id, 0):
+        ys, xs = one.nonzero(as_tuple=True)
+        inv_ys, inv_xs = (1 - one).nonzero(as_tuple=True)
+        rect_ok = one[ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()
+        comp_ok = (1 - one)[inv_ys.min():inv_ys.max() + 1, inv_xs.min():inv_xs.max() + 1].all()
+        assert rect_ok or comp_ok
