@@ -220,7 +220,7 @@ class PainterNetTrainer:
             noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(self.cfg.seed))
             out = comfy.sample.sample(self.patched, noise, steps, 7.5, "euler", "normal", positive, negative,
                                       latent, seed=self.cfg.seed, disable_pbar=True)
-            image = self.vae.decode(self.latent_format.process_out(out.to(torch.float32)))[0].movedim(-1, 0)
+            image = self.vae.decode(out.to(torch.float32))[0].movedim(-1, 0)   # sample() returns the VAE latent
             shown = b["pixels"][0] * (1 - b["hole"][0]) + 0.5 * b["hole"][0]
             save_image(path, [shown, image])
         finally:

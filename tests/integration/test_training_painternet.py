@@ -225,3 +225,16 @@ def test_training_mask_node_asuka_kinds(comfy, run_prompt):
         rect_ok = one[ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()
         comp_ok = (1 - one)[inv_ys.min():inv_ys.max() + 1, inv_xs.min():inv_xs.max() + 1].all()
         assert rect_ok or comp_ok
+
+
+def test_sample_image_decodes_the_sampler_latent_as_is(comfy, base_ckpt, data_dir, tmp_path, monkeypatch):
+    """comfy.sample.sample returns the VAE's latent (already un-scaled): the sample shows exactly its decode."""
+    trainer, data = _trainer(comfy, base_ckpt, data_dir, tmp_path)
+    mod = _pack(comfy, "training.painternet")
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(mod.comfy.sample, "sample", lambda *a, **k: z.clone())
+    trainer.sample(trainer.batch(data, [0]), tmp_path / "s.png", 1)
+    shown = np.asarray(Image.open(tmp_path / "s.png"), dtype=np.float32)[:, 64:] / 255
+    with torch.no_grad():
+        want = trainer.vae.decode(z)[0].clamp(0, 1).numpy()
+    assert np.abs(shown - want).max() <= 1 / 255 + 1e-6
