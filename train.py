@@ -2,7 +2,7 @@
 
     COMFYUI_PATH=/path/to/ComfyUI python train.py <method> --config method.toml [--steps 2000 ...]
 
-Methods: painternet, asuka_mae, asuka_alignment, asuka_decoder.
+Methods: painternet, asuka_mae, asuka_alignment, asuka_decoder, largen, patch_adapter.
 
 ``python train.py <method> --help`` lists every option. The methods read their models through ComfyUI (its
 model loading and the pack's own nodes), so ComfyUI must be importable: ``COMFYUI_PATH`` names its folder
@@ -24,6 +24,8 @@ METHODS = {
     "asuka_mae": "training.asuka:main_mae",
     "asuka_alignment": "training.asuka:main_alignment",
     "asuka_decoder": "training.asuka:main_decoder",
+    "largen": "training.largen",
+    "patch_adapter": "training.patch_adapter",
 }
 PACKAGE = "consistent_inpaint"
 

@@ -144,6 +144,58 @@ def split_checkpoint(sd: Mapping[str, torch.Tensor], path: str, need_subject: bo
     return out
 
 
+def site_prefix(site: Site) -> str:
+    """The UNet module path of a site's transformer block ("output_blocks.3.1.transformer_blocks.0")."""
+    kind, block, index = site
+    head = "middle_block" if kind == "middle" else f"{kind}_blocks.{block}"
+    return f"{head}.1.transformer_blocks.{index}"
+
+
+def unet_part(sd: Mapping[str, torch.Tensor]) -> dict:
+    """The UNet tensors of a checkpoint (``model.diffusion_model.`` / ``model.`` prefix, or a bare UNet), prefix
+    removed; VAE and text-encoder tensors left out."""
+    prefix = _unet_prefix(sd)
+    if prefix:
+        return strip_prefix(sd, prefix)
+    return {k: v for k, v in sd.items() if not k.startswith(VAE_PREFIXES + TEXT_PREFIXES)}
+
+
+def projections_from_text(unet: Mapping[str, torch.Tensor]) -> dict:
+    """Initial subject projections, IP-Adapter's recipe: every site's ``to_k_ip`` / ``to_v_ip`` a copy of its text
+    ``to_k`` / ``to_v`` -> {site: (to_k_ip weight, to_v_ip weight)}."""
+    out = {}
+    for k in unet:
+        m = _ATTN2_Q_RE.match(k)
+        if m:
+            site = site_of(m)
+            p = f"{site_prefix(site)}.attn2."
+            out[site] = (unet[p + "to_k.weight"].clone(), unet[p + "to_v.weight"].clone())
+    return {s: out[s] for s in sorted(out, key=_site_order)}
+
+
+RESAMPLER_KEY = "conditioner.embedders.0.image_proj_model."
+
+
+def join_checkpoint(unet: Mapping[str, torch.Tensor], ip: Mapping[Site, tuple], resampler=None,
+                    prefix: str = UNET_PREFIXES[0]) -> dict:
+    """The inverse of :func:`split_checkpoint` for the main model: UNet + subject projections (+ the resampler under
+    ``conditioner.…image_proj_model.``) in the released layout."""
+    sd = {prefix + k: v for k, v in unet.items()}
+    for site, (k, v) in ip.items():
+        p = f"{prefix}{site_prefix(site)}.attn2."
+        sd[p + "to_k_ip.weight"], sd[p + "to_v_ip.weight"] = k, v
+    for k, v in (resampler or {}).items():
+        sd[RESAMPLER_KEY + k] = v
+    return sd
+
+
+def refinenet_file(refinenet: Mapping[str, torch.Tensor], projector: Mapping[str, torch.Tensor]) -> dict:
+    """A RefineNet file of its own (docs/largen_format.md): ``ref_*`` UNet tensors + top-level ``patch_projector.*``."""
+    sd = {REF_PREFIX + k: v for k, v in refinenet.items()}
+    sd.update({f"patch_projector.{k}": v for k, v in projector.items()})
+    return sd
+
+
 def _site_order(site: Site):
     return {"input": 0, "middle": 1, "output": 2}[site[0]], site[1], site[2]
 

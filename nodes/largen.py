@@ -127,6 +127,12 @@ def load_largen(path: str, image_proj_path: str | None, dtype_choice: str):
     if parts.carries:
         log.info("%s also holds %s; the LAR-Gen workflows use the standard SDXL ones (the authors froze them)",
                  path, " and ".join(parts.carries))
+    return largen_from_parts(parts, path, image_proj_path, dtype_choice)
+
+
+def largen_from_parts(parts: largen.LARGenCheckpoint, path: str, image_proj_path: str | None, dtype_choice: str):
+    """(MODEL, SubjectAdapter) from a checked :func:`largen.split_checkpoint` result (``path`` names it in errors);
+    the training command builds its initial model through here too."""
     model = _sdxl_unet(parts.unet, path, dtype_choice, in_channels=9)
     if image_proj_path is None:
         if parts.resampler is None:
@@ -165,7 +171,6 @@ class RefineNetModel:
 
 
 def load_refinenet(path: str, dtype_choice: str) -> RefineNetModel:
-    import comfy.model_detection
     sd = tensor_dict(load_weights(path), path)
     parts = largen.split_checkpoint(sd, path, need_subject=False)
     name = os.path.basename(path)
@@ -177,13 +182,21 @@ def load_refinenet(path: str, dtype_choice: str) -> RefineNetModel:
     if not projector or "weight" not in projector:
         raise CheckpointFormatError(f"{name}: the RefineNet needs its patch projector (conditioner …patch_projector."
                                     "weight/bias, or patch_projector.weight/bias at the top level); none found")
-    cfg = comfy.model_detection.detect_unet_config(parts.refinenet, "")
+    return refinenet_from_parts(parts.refinenet, projector, path, dtype_choice)
+
+
+def refinenet_from_parts(refinenet: dict, projector: dict, path: str, dtype_choice: str) -> RefineNetModel:
+    """The RefineNet from its UNet tensors (ComfyUI names, no ``ref_``) and its projector's ``weight`` / ``bias``;
+    ``path`` names them in errors. The training command builds its initial RefineNet through here too."""
+    import comfy.model_detection
+    name = os.path.basename(path)
+    cfg = comfy.model_detection.detect_unet_config(refinenet, "")
     if cfg is None or cfg.get("in_channels") != 4 or cfg.get("context_dim") != SDXL_CONTEXT:
         raise CheckpointFormatError(f"{name}: the ref_* weights are not an SDXL UNet with a 4-channel input")
     device, offload = mm.get_torch_device(), mm.unet_offload_device()
     dtype = resolve_dtype(dtype_choice, device)
     width = projector["weight"].shape[1]
-    full = dict(parts.refinenet, **{f"projector.{k}": v for k, v in projector.items()})
+    full = dict(refinenet, **{f"projector.{k}": v for k, v in projector.items()})
     import comfy.ops
     net = build_from_state_dict(lambda device: RefineNet(cfg, width, dtype=dtype, device=device,
                                                          operations=comfy.ops.manual_cast),
@@ -218,6 +231,14 @@ def encode_subject(clip_vision, square: torch.Tensor):
     """-> (penultimate hidden states [S,T,W], last hidden state [S,T,W]) of the square subject images."""
     out = clip_vision.encode_image(square.movedim(1, -1), crop=True)
     return out["penultimate_hidden_states"], out["last_hidden_state"]
+
+
+def subject_latent(vae, latent_format, square: torch.Tensor, resolution: int) -> torch.Tensor:
+    """The RefineNet's input: square subject images [S,3,s,s] in [0, 1] resized to ``resolution`` and encoded, at the
+    model's latent scale -> [S,4,resolution/8,resolution/8]."""
+    pixels = F.interpolate(square, size=(resolution, resolution), mode="bicubic", antialias=True,
+                           align_corners=False).clamp(0, 1)
+    return latent_format.process_in(vae.encode(pixels.movedim(1, -1)).float())
 
 
 def encode_zero_image(clip_vision) -> torch.Tensor:
@@ -350,8 +371,10 @@ class RefinePatch:
         if tokens is None:
             dt = base.manual_cast_dtype or base.get_dtype()
             lat = moved(run, "latent", self.latent, x.device, torch.float32)
-            s = t[:1].to(torch.float32)
-            noisy = base.model_sampling.noise_scaling(s.reshape(1, 1, 1, 1), noise.to(x.device), lat)
+            # one sigma for every subject while sampling; in training each row has its own, and subject i is
+            # noised to row i's (then S == rows)
+            s = (t[:S] if 1 < S <= t.shape[0] else t[:1]).to(torch.float32)
+            noisy = base.model_sampling.noise_scaling(s.reshape(-1, 1, 1, 1), noise.to(x.device), lat)
             xin = base.model_sampling.calculate_input(s, noisy)
             timesteps = base.model_sampling.timestep(s).float().expand(S)
             net = self.refinenet.net
@@ -549,9 +572,7 @@ class ApplyRefineNet(io.ComfyNode):
         width = net.projector.in_features
         if last.shape[-1] != width:
             raise ValueError(_clip_width_error(last.shape[-1], width))
-        pixels = F.interpolate(square, size=(subject_resolution, subject_resolution), mode="bicubic",
-                               antialias=True, align_corners=False).clamp(0, 1)
-        latent = model.get_model_object("latent_format").process_in(vae.encode(pixels.movedim(1, -1)).float())
+        latent = subject_latent(vae, model.get_model_object("latent_format"), square, subject_resolution)
         mm.load_model_gpu(refinenet.patcher)
         dev = refinenet.patcher.load_device
         context = net.projector(last.to(dev, net.dtype)).to(mm.intermediate_device())

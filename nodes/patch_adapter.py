@@ -13,6 +13,9 @@ How they reach the UNet (the input MODEL is cloned; every route is one of ComfyU
   Then the patch's own pass reads those tokens: through an ``attn1`` replace adding ``tanh(g)·Attn(Q, R W_k,
   R W_v)`` where Reference Patch Adapter weights exist, otherwise by extending the self-attention keys/values
   with them (``attn1_patch``).
+
+Training (``training/patch_adapter.py``) runs these very patch objects. Its one hook: ``PatchAdapter.gates`` may hold
+0-dim tensors (tanh of the trainer's gate parameters, so the gates learn) where the loader puts numbers.
 """
 from __future__ import annotations
 
@@ -69,7 +72,7 @@ class PatchAdapter:
     patcher: object               # ModelPatcher of a PatchAdapterNet
     dca: dict                     # site -> (channels, width)
     rpa: dict                     # site -> (channels, width)
-    gates: dict                   # site -> tanh(g), the RPA fusion weight
+    gates: dict                   # site -> tanh(g), the RPA fusion weight (a float; the trainer: a 0-dim tensor)
     base: str | None
     name: str
 

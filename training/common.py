@@ -9,8 +9,10 @@ import logging
 import math
 import os
 import tomllib
-from contextlib import nullcontext
+from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -162,6 +164,122 @@ def nearest(mask: torch.Tensor, hw) -> torch.Tensor:
 def cosine_lr(base: float, step: int, steps: int) -> float:
     """Cosine decay from ``base`` at step 0 to 0 at ``steps``."""
     return base * 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
+
+
+class Prompt(NamedTuple):
+    context: torch.Tensor              # [1, 77, C], float32, CPU
+    pooled: torch.Tensor | None        # [1, P] or None
+    ids: torch.Tensor                  # [1, 77] token ids of the first tokenizer
+
+
+class PromptEncoder:
+    """Local prompts through the base's text encoder(s), the first 77-token chunk, as float32 on the CPU; the latest
+    ``limit`` prompts are kept (a data set has a prompt per image; most steps meet a prompt seen before)."""
+
+    def __init__(self, clip, limit: int = 512):
+        self.clip, self.limit = clip, limit
+        self._cache: OrderedDict[str, Prompt] = OrderedDict()
+
+    def __call__(self, prompt: str) -> Prompt:
+        hit = self._cache.get(prompt)
+        if hit is not None:
+            self._cache.move_to_end(prompt)
+            return hit
+        tokens = {k: v[:1] for k, v in self.clip.tokenize(prompt).items()}          # one 77-token chunk
+        ids = torch.tensor([[t[0] for t in next(iter(tokens.values()))[0]]])
+        with torch.no_grad():
+            cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
+        out = Prompt(cond.float().cpu(), None if pooled is None else pooled.float().cpu(), ids)
+        self._cache[prompt] = out
+        while len(self._cache) > self.limit:
+            self._cache.popitem(last=False)
+        return out
+
+    def batch(self, prompts) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (context [B, 77, C], pooled [B, P] or None) of a list of prompts."""
+        enc = [self(p) for p in prompts]
+        return (torch.cat([e.context for e in enc]),
+                None if enc[0].pooled is None else torch.cat([e.pooled for e in enc]))
+
+
+def require_epsilon(model, what: str) -> None:
+    """The trainers' targets are epsilon: refuse v-prediction, flow and other parameterisations up front."""
+    import comfy.model_sampling
+    sampling = model.get_model_object("model_sampling")
+    if not isinstance(sampling, comfy.model_sampling.EPS) or isinstance(sampling, comfy.model_sampling.V_PREDICTION):
+        raise ValueError(f"{what} supports epsilon-prediction base models only; this one predicts "
+                         f"{type(sampling).__name__}")
+
+
+def sdxl_y(base_model, pooled: torch.Tensor, size: int) -> torch.Tensor:
+    """SDXL's ``y`` (pooled text + original / crop / target size) for square ``size`` images, crop 0 -> [B, 2816]."""
+    return base_model.encode_adm(pooled_output=pooled, width=size, height=size, crop_w=0, crop_h=0,
+                                 target_width=size, target_height=size)
+
+
+def sampler_options(patcher, sigma: torch.Tensor) -> dict:
+    """The transformer options ComfyUI's sampler hands the model for one call on ``patcher``: its patches plus its
+    wrappers (the nodes' networks run inside those), every row a "cond" row."""
+    return dict(patcher.model_options["transformer_options"], cond_or_uncond=[0], sigmas=sigma,
+                wrappers=patcher.wrappers)
+
+
+def optimizer_step(optimizer, scaler, parts: dict) -> dict:
+    """One optimiser step on ``parts["loss"]`` (loss scaling for fp16) -> the parts as floats."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(parts["loss"]).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in parts.items()}
+
+
+@contextmanager
+def evaluating(module: torch.nn.Module):
+    """``module`` in eval mode inside, its own mode restored after."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)
+
+
+def unet_blocks(*nets) -> list:
+    """Every res block and spatial transformer of ComfyUI UNets (``openaimodel.UNetModel`` and the copies built from
+    its blocks): what gradient checkpointing recomputes."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+    return [m for net in nets for m in net.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
+
+
+@contextmanager
+def checkpointed_blocks(blocks):
+    """Inside: every module of ``blocks`` recomputed in backward (non-reentrant activation checkpointing) while
+    gradients are on, through an instance ``forward`` removed on exit. ComfyUI offers no patch route around a whole
+    UNet block, so for the length of one training forward pass the trainer sets this on the blocks of its own UNet
+    (nothing of ComfyUI's code changes; sampling never sees it). Dict arguments (ComfyUI's transformer options,
+    whose "block" entries move on as the UNet runs) are copied at call time, so the recomputation sees what the
+    first pass saw."""
+    blocks = list(blocks)
+
+    def wrap(forward):
+        def run(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+            kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return run
+
+    if any("forward" in m.__dict__ for m in blocks):
+        raise RuntimeError("a block already carries an instance forward; gradient checkpointing would stack")
+    for m in blocks:
+        m.forward = wrap(m.forward)
+    try:
+        yield blocks
+    finally:
+        for m in blocks:
+            del m.forward
 
 
 def checkpointed(fn, *args):

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import comfy.model_management as mm
-import comfy.model_sampling
 import comfy.ops
 import comfy.sample
 import comfy.sd
@@ -35,7 +34,8 @@ from ..models.largen import latent_grid
 from ..nodes.branch import BranchPatch, InpaintBranch
 from ..nodes.branch_unet import ATTENTION_PROBE, GRADIENT_CHECKPOINT, BranchNet
 from ..nodes.common import wrap_patcher
-from .common import ImageFolder, Loop, autocast, nearest, parse_config, save_image
+from .common import (ImageFolder, Loop, PromptEncoder, autocast, evaluating, nearest, optimizer_step, parse_config,
+                     require_epsilon, sampler_options, save_image, sdxl_y)
 
 log = logging.getLogger("consistent_inpaint.training.painternet")
 
@@ -69,9 +69,7 @@ def _base_of(model) -> str:
     if base is None or cfg.get("in_channels") != 4:
         raise ValueError("PainterNet trains on a text-to-image SD1.5 or SDXL UNet (4-channel input, text width 768 or "
                          f"2048); this one has in_channels={cfg.get('in_channels')}, context_dim={cfg.get('context_dim')}")
-    if not isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.EPS) or isinstance(
-            model.get_model_object("model_sampling"), comfy.model_sampling.V_PREDICTION):
-        raise ValueError("PainterNet training supports epsilon-prediction base models only")
+    require_epsilon(model, "PainterNet training")
     return base
 
 
@@ -109,27 +107,11 @@ class PainterNetTrainer:
         self.mask_rng = torch.Generator().manual_seed(cfg.seed)
         self.data_rng = torch.Generator().manual_seed(cfg.seed + 1)
         torch.manual_seed(cfg.seed)
-        self._texts = {}
+        self.encode_text = PromptEncoder(clip)
 
     # -- inputs --
-    def encode_text(self, prompt: str):
-        """-> (context [1, 77, C], pooled or None, actual-token mask [1, 77]); cached per prompt."""
-        if prompt not in self._texts:
-            tokens = self.clip.tokenize(prompt)
-            tokens = {k: v[:1] for k, v in tokens.items()}          # one 77-token chunk
-            ids = torch.tensor([[t[0] for t in next(iter(tokens.values()))[0]]])
-            with torch.no_grad():
-                cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
-            self._texts[prompt] = (cond.float().cpu(), None if pooled is None else pooled.float().cpu(),
-                                   actual_token_mask(ids, CLIP_START, CLIP_END))
-        return self._texts[prompt]
-
     def y_for(self, pooled: torch.Tensor) -> torch.Tensor | None:
-        if self.base != "sdxl":
-            return None
-        r = self.cfg.resolution
-        return self.model.model.encode_adm(pooled_output=pooled, width=r, height=r, crop_w=0, crop_h=0,
-                                           target_width=r, target_height=r)
+        return sdxl_y(self.model.model, pooled, self.cfg.resolution) if self.base == "sdxl" else None
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [0, 1] -> latent at the model's scale."""
@@ -151,10 +133,10 @@ class PainterNetTrainer:
             if seg is None or seg.max() <= 0.5:
                 seg = masks.random_blob(p.shape[1], p.shape[2], g)
             holes.append(masks.painter_mask(seg, g)[0])
-        texts = [self.encode_text(prompt) for _, _, prompt in items]
-        return dict(pixels=pixels, hole=torch.stack(holes)[:, None], context=torch.cat([t[0] for t in texts]),
-                    pooled=None if texts[0][1] is None else torch.cat([t[1] for t in texts]),
-                    tokens=torch.cat([t[2] for t in texts]))
+        prompts = [prompt for _, _, prompt in items]
+        context, pooled = self.encode_text.batch(prompts)
+        tokens = torch.cat([actual_token_mask(self.encode_text(p).ids, CLIP_START, CLIP_END) for p in prompts])
+        return dict(pixels=pixels, hole=torch.stack(holes)[:, None], context=context, pooled=pooled, tokens=tokens)
 
     # -- one step --
     def losses(self, b) -> dict:
@@ -170,8 +152,7 @@ class PainterNetTrainer:
         probe = {}
         # what ComfyUI's sampler hands the UNet: the patched model's options plus its wrappers (the branch runs in
         # its DIFFUSION_MODEL wrapper)
-        to = dict(self.patched.model_options["transformer_options"], cond_or_uncond=[0], sigmas=sigma,
-                  wrappers=self.patched.wrappers)
+        to = sampler_options(self.patched, sigma)
         to[ATTENTION_PROBE] = probe
         if self.cfg.gradient_checkpointing:
             to[GRADIENT_CHECKPOINT] = True
@@ -190,12 +171,7 @@ class PainterNetTrainer:
         return dict(loss=diff + self.cfg.beta * atal, diffusion=diff, atal=atal)
 
     def train_step(self, b) -> dict:
-        self.optimizer.zero_grad(set_to_none=True)
-        parts = self.losses(b)
-        self.scaler.scale(parts["loss"]).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return {k: float(v.detach()) for k, v in parts.items()}
+        return optimizer_step(self.optimizer, self.scaler, self.losses(b))
 
     # -- files --
     def save(self, path: Path) -> None:
@@ -205,9 +181,7 @@ class PainterNetTrainer:
     @torch.no_grad()
     def sample(self, b, path: Path, steps: int) -> None:
         """The first item of ``b`` inpainted with the current branch (euler, cfg 7.5) beside its masked input."""
-        was = self.net.training
-        self.net.eval()
-        try:
+        with evaluating(self.net):
             pixels, hole = b["pixels"][:1], b["hole"][:1]
             self.patch.cond = self.branch_cond(self.encode_image(pixels * (1 - hole)), hole)
             neg, neg_pooled, _ = self.encode_text("")
@@ -223,8 +197,6 @@ class PainterNetTrainer:
             image = self.vae.decode(out.to(torch.float32))[0].movedim(-1, 0)   # sample() returns the VAE latent
             shown = b["pixels"][0] * (1 - b["hole"][0]) + 0.5 * b["hole"][0]
             save_image(path, [shown, image])
-        finally:
-            self.net.train(was)
 
     # -- the loop --
     def run(self) -> Path:

@@ -3,12 +3,7 @@ checkpoint (full CLIP-L and VAE) and the harmonizing decoder from that checkpoin
 images. Each loss goes down on a fixed batch, only what should train gets gradients, the prior substitution and the
 augmentations do what the paper says, the command line trains, samples, saves and resumes, and every written file
 loads in the pack's loader nodes and gives exactly what the trainer computed."""
-import csv
-import importlib
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +12,8 @@ import torch
 from PIL import Image
 
 import layouts
+from training_support import loss_rows as _rows, pack as _pack, run_train_py
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _pack(comfy, sub):
-    return importlib.import_module(f"{comfy.pack_module.__name__}.{sub}")
 
 
 @pytest.fixture(scope="module")
@@ -196,15 +187,7 @@ def test_latent_augmentation_needs_an_inpainting_unet(comfy, files, checkpoint, 
 def _cli(comfy, method, config: dict, out: Path, steps: int):
     cfg = out.parent / f"{method}.toml"
     cfg.write_text("".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in config.items()))
-    env = dict(os.environ, COMFYUI_PATH=str(comfy.path))
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), method, "--config", str(cfg), "--output", str(out),
-                        "--steps", str(steps)], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-
-
-def _rows(out):
-    with open(out / "loss.csv") as fh:
-        return list(csv.DictReader(fh))
+    run_train_py(comfy, method, "--config", str(cfg), "--output", str(out), "--steps", str(steps))
 
 
 def _install(comfy, src: Path, name: str) -> str:

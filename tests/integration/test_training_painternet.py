@@ -2,12 +2,7 @@
 three synthetic images: the loss goes down on a fixed batch, ATAL reaches the branch's cross-attention, the command
 line trains, samples, saves and resumes, and the file it writes loads in Load Inpaint Branch and changes the
 sampled result (the untrained, zero-connected branch does not)."""
-import csv
-import importlib
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +11,8 @@ import torch
 from PIL import Image
 
 from test_branch_graph import _graph
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _pack(comfy, sub):
-    return importlib.import_module(f"{comfy.pack_module.__name__}.{sub}")
+from training_support import fit, loss_rows, mixed_precision_losses, run_train_py, write_data
+from training_support import pack as _pack
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +22,7 @@ def base_ckpt(comfy_models):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("painter_data")
-    rng = np.random.default_rng(0)
-    for i, prompt in enumerate(["a red apple", "a small wooden boat on a lake", None]):
-        small = rng.uniform(0, 255, (4, 5, 3)).astype(np.uint8)
-        Image.fromarray(small).resize((80, 64), Image.BICUBIC).save(d / f"img{i}.png")
-        if prompt is not None:
-            m = np.zeros((64, 80), np.uint8)
-            m[16:44, 20 + 10 * i:56] = 255
-            Image.fromarray(m).save(d / f"img{i}.mask.png")
-            (d / f"img{i}.txt").write_text(prompt)
-    return d
+    return write_data(tmp_path_factory.mktemp("painter_data"), ["a red apple", "a small wooden boat on a lake", None])
 
 
 def _trainer(comfy, base_ckpt, data_dir, out, **kw):
@@ -53,19 +34,20 @@ def _trainer(comfy, base_ckpt, data_dir, out, **kw):
 
 def test_loss_goes_down_on_a_fixed_batch(comfy, base_ckpt, data_dir, tmp_path):
     trainer, data = _trainer(comfy, base_ckpt, data_dir, tmp_path, lr=1e-5, beta=1e-5)
-    b = trainer.batch(data, [0, 1])
-
-    def fixed_loss():
-        torch.manual_seed(5)              # the same timesteps and noise every time
-        with torch.no_grad():
-            return float(trainer.losses(b)["loss"])
-
-    before = fixed_loss()
-    for _ in range(6):
-        torch.manual_seed(5)
-        trainer.train_step(b)
-    after = fixed_loss()
+    before, after = fit(trainer, trainer.batch(data, [0, 1]), 6)
     assert after < 0.9 * before, (before, after)
+
+
+def test_mixed_precision_steps(comfy, base_ckpt, data_dir, tmp_path):
+    """fp16 (with loss scaling) and bf16 autocast: the loss is float32's to half precision, the branch stays float32,
+    finite, and learns."""
+    data = _pack(comfy, "training.common").ImageFolder(str(data_dir), 64)
+    losses = mixed_precision_losses(
+        lambda mp: _trainer(comfy, base_ckpt, data_dir, tmp_path / mp, lr=1e-4, mixed_precision=mp)[0],
+        lambda trainer: trainer.batch(data, [0, 1], torch.Generator().manual_seed(3)),
+        lambda trainer: trainer.net.named_parameters())
+    for mp in ("bf16", "fp16"):
+        assert losses[mp] == pytest.approx(losses["no"], rel=0.05) and losses[mp] != losses["no"], (mp, losses)
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0])
@@ -137,11 +119,7 @@ def _train_cli(comfy, base_ckpt, data_dir, out, steps):
     cfg.write_text(f'base = "{comfy.folder_paths.get_full_path("checkpoints", base_ckpt)}"\n'
                    f'data = "{data_dir}"\noutput = "{out}"\nresolution = 64\nbatch_size = 2\n'
                    "log_every = 1\nsave_every = 1\nsample_every = 2\nsample_steps = 2\nlr = 1e-4\n")
-    env = dict(os.environ, COMFYUI_PATH=str(comfy.path))
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "painternet", "--config", str(cfg),
-                        "--steps", str(steps)], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    return run_train_py(comfy, "painternet", "--config", str(cfg), "--steps", str(steps))
 
 
 def test_command_line_trains_samples_saves_and_resumes_and_the_file_loads(
@@ -153,8 +131,7 @@ def test_command_line_trains_samples_saves_and_resumes_and_the_file_loads(
     state = torch.load(out / "state.pt", weights_only=True)
     assert state["step"] == 2
     _train_cli(comfy, base_ckpt, data_dir, out, 3)                  # resumes at step 2
-    with open(out / "loss.csv") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = loss_rows(out)
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     assert all(np.isfinite(float(r["loss"])) and float(r["atal"]) > 0 for r in rows)
     assert torch.load(out / "state.pt", weights_only=True)["step"] == 3
