@@ -41,14 +41,13 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import comfy.model_management as mm
-import comfy.model_sampling
 import comfy.sample
 import comfy.sd
 
 from ..models import asuka, asuka_alignment, harmonizing_decoder, masks
 from ..models.imaging import color_jitter
 from .common import (ImageFolder, Loop, MASK_SUFFIX, _square, autocast, checkpointed, cosine_lr, parse_config,
-                     save_image)
+                     require_epsilon, save_image)
 
 log = logging.getLogger("consistent_inpaint.training.asuka")
 
@@ -157,9 +156,7 @@ def _inpaint_unet(model, what: str) -> None:
         raise ValueError(f"{what} needs an SD-inpainting checkpoint (9-channel UNet conditioned on text tokens only, "
                          f"e.g. sd-v1-5-inpainting); this one has in_channels={cfg.get('in_channels')}"
                          + (", and a pooled/class input (SDXL?)" if cfg.get("adm_in_channels") else ""))
-    sampling = model.get_model_object("model_sampling")
-    if not isinstance(sampling, comfy.model_sampling.EPS) or isinstance(sampling, comfy.model_sampling.V_PREDICTION):
-        raise ValueError(f"{what} supports epsilon-prediction inpainting models only")
+    require_epsilon(model, what)
 
 
 def _masked_pixels(pixels: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
@@ -302,6 +299,7 @@ class AlignmentTrainer(_Trainer):
         width = model.model.model_config.unet_config["context_dim"]
         align_cfg = asuka_alignment.AlignmentConfig(in_dim=self.mae.config.decoder_embed_dim, dim=width,
                                                     heads=width // 64, depth=cfg.depth, mlp_hidden=4 * width)
+        torch.manual_seed(cfg.seed)               # the new module's initial weights follow the run's seed
         align = asuka_alignment.AsukaAlignment(align_cfg, dtype=torch.float32, device=self.device)
         self.setup(cfg, MaskedImages(cfg.data, cfg.resolution), align.train(), cfg.lr, cfg.weight_decay)
 
@@ -401,6 +399,7 @@ class DecoderTrainer(_Trainer):
         self.vae = vae
         vae_sd = vae.first_stage_model.decoder.state_dict()
         dcfg = harmonizing_decoder.config_from_vae_decoder(vae_sd, cfg.base)
+        torch.manual_seed(cfg.seed)               # the new condition encoder's initial weights follow the run's seed
         dec = harmonizing_decoder.HarmonizingDecoder(dcfg, dtype=torch.float32, device=self.device)
         missing, unexpected = dec.load_state_dict(vae_sd, strict=False)
         if unexpected or any(not k.startswith("encoder.") for k in missing):

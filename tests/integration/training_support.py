@@ -68,12 +68,12 @@ def loss_rows(out: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def mixed_precision_losses(make_trainer, batch_of, params_of) -> dict:
+def mixed_precision_losses(make_trainer, batch_of, params_of, modes=("bf16", "fp16")) -> dict:
     """One optimiser step under each of no / bf16 / fp16 from the same start (``make_trainer(mode)``, ``batch_of(
     trainer)``) -> {mode: loss}; every trained weight (``params_of(trainer)``: name -> parameter) must stay float32
     and finite, and some must have moved (checked here)."""
     out = {}
-    for mp in ("no", "bf16", "fp16"):
+    for mp in ("no", *modes):
         trainer = make_trainer(mp)
         b = batch_of(trainer)
         params = dict(params_of(trainer))
