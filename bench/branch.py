@@ -129,6 +129,38 @@ def step_times(models, positive, negative, latent, n: int, repeats: int) -> list
     return [(b - a) / n for a, b in zip(one, more)]
 
 
+def forward_seconds(case: str, size: int, branch_mod, repeats: int) -> tuple[float, float]:
+    """The two networks alone, no sampler: one forward of the base UNet and one of the branch on the same
+    cond+uncond batch (2 rows, distinct prompts), interleaved, the fastest of ``repeats`` each. A full-copy branch
+    (PowerPaint-v2, PainterNet) costs what the UNet does, so its sampler ratio cannot fall much below 2 when the
+    two CFG rows need separate branch rows."""
+    from comfy import model_management as mm
+    base = case.split("-")[0]
+    model = base_model(base)
+    with tempfile.TemporaryDirectory() as tmp:
+        branch = branch_mod.load_branch(branch_file(case, tmp), torch.float32, mm.get_torch_device(),
+                                        mm.unet_offload_device())
+    unet, net = model.model.diffusion_model, branch.patcher.model
+    g = torch.Generator().manual_seed(0)
+    h = size // 8
+    ctx = torch.randn(2, 77, 768 if base == "sd15" else 2048, generator=g)
+    y = None if base == "sd15" else torch.randn(2, 2816, generator=g)
+    x, xb, t = torch.randn(2, 4, h, h, generator=g), torch.randn(2, 9, h, h, generator=g), torch.tensor([500.0] * 2)
+    runs = [lambda: unet(x, t, context=ctx, y=y, transformer_options={"cond_or_uncond": [1, 0]}),
+            lambda: net(xb, t, ctx if branch.spec.uses_context else None, y if branch.spec.uses_y else None,
+                        {"cond_or_uncond": [1, 0]})]
+    best = [float("inf")] * 2
+    with torch.no_grad():
+        for f in runs:
+            f()                                                          # warm-up
+        for _ in range(repeats):
+            for i, f in enumerate(runs):
+                t0 = time.perf_counter()
+                f()
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return best[0], best[1]
+
+
 def run_case(case: str, size: int, steps: int, branch_mod, repeats: int = 2):
     from comfy import model_management as mm
     base = case.split("-")[0]
@@ -183,16 +215,25 @@ def main():
     ap.add_argument("--size", type=int, default=0, help="0 = 512 for SD1.5, 1024 for SDXL")
     ap.add_argument("--steps", type=int, default=1, help="extra steps timed per run")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--forward", action="store_true",
+                    help="time one forward of the UNet and of the branch alone (2 rows), not sampling steps")
     a = ap.parse_args()
     import_comfy()
     branch_mod = import_pack()
     torch.set_num_threads(os.cpu_count() or 1)
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} threads)"
-    print(f"== Inpaint branch: seconds per sampling step (euler, cfg 5, cond+uncond), float32, {device} ==")
-    print(f"{'case':>26} {'size':>6} {'plain s/step':>13} {'branch s/step':>14} {'ratio':>7}")
+    if a.forward:
+        print(f"== Inpaint branch: seconds per forward, 2 rows, no sampler, float32, {device} ==")
+        print(f"{'case':>26} {'size':>6} {'UNet s':>13} {'branch s':>14} {'ratio':>7}")
+    else:
+        print(f"== Inpaint branch: seconds per sampling step (euler, cfg 5, cond+uncond), float32, {device} ==")
+        print(f"{'case':>26} {'size':>6} {'plain s/step':>13} {'branch s/step':>14} {'ratio':>7}")
     for case in a.cases:
         size = a.size or (512 if case.startswith("sd15") else 1024)
-        plain_s, branch_s = run_case(case, size, a.steps, branch_mod, a.repeats)
+        if a.forward:
+            plain_s, branch_s = forward_seconds(case, size, branch_mod, a.repeats)
+        else:
+            plain_s, branch_s = run_case(case, size, a.steps, branch_mod, a.repeats)
         print(f"{case:>26} {size:>6} {plain_s:>13.2f} {branch_s:>14.2f} {branch_s / plain_s:>7.3f}", flush=True)
 
 
