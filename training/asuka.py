@@ -46,8 +46,8 @@ import comfy.sd
 
 from ..models import asuka, asuka_alignment, harmonizing_decoder, masks
 from ..models.imaging import color_jitter
-from .common import (ImageFolder, Loop, MASK_SUFFIX, _square, autocast, checkpointed, cosine_lr, parse_config,
-                     require_epsilon, save_image)
+from .common import (ImageFolder, Loop, MASK_SUFFIX, TrainOptions, _square, autocast, checkpointed, cosine_lr,
+                     parse_config, require_epsilon, save_image)
 
 log = logging.getLogger("consistent_inpaint.training.asuka")
 
@@ -77,16 +77,6 @@ class MaskedImages:
 
     def draw(self, batch_size: int, g: torch.Generator) -> list[int]:
         return torch.randint(0, len(self.images), (batch_size,), generator=g).tolist()
-
-
-@dataclass
-class _Common:
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 500
-    sample_every: int = 500        # 0: no sample images
-    mixed_precision: str = "no"    # no | fp16 | bf16 (forward under autocast, trained weights float32)
-    gradient_checkpointing: bool = False
 
 
 class _Trainer:
@@ -205,7 +195,7 @@ class _InpaintUNet:
 
 # -- MAE -------------------------------------------------------------------------------------------------------
 @dataclass
-class MAETrainConfig(_Common):
+class MAETrainConfig(TrainOptions):
     """Fine-tune ASUKA's MAE prior on inpainting masks (writes a file Load ASUKA Prior reads as `mae`)."""
     mae: str = ""                  # the MAE to start from, e.g. mae_300.pth (models/asuka)
     data: str = ""                 # folder: name.png [+ name.mask.png object shapes]
@@ -265,7 +255,7 @@ class MAETrainer(_Trainer):
 
 # -- alignment -------------------------------------------------------------------------------------------------
 @dataclass
-class AlignmentTrainConfig(_Common):
+class AlignmentTrainConfig(TrainOptions):
     """Train ASUKA's alignment module for an SD-inpainting UNet (writes Load ASUKA Prior's `alignment` file)."""
     base: str = ""                 # SD-inpainting checkpoint (UNet + VAE), e.g. sd-v1-5-inpainting.ckpt
     mae: str = ""                  # the (fine-tuned) MAE prior, frozen
@@ -353,7 +343,7 @@ class AlignmentTrainer(_Trainer):
 
 # -- harmonizing decoder ---------------------------------------------------------------------------------------
 @dataclass
-class DecoderTrainConfig(_Common):
+class DecoderTrainConfig(TrainOptions):
     """Train ASUKA's harmonizing VAE decoder (writes a file Load Harmonizing Decoder reads)."""
     base: str = ""                 # checkpoint with the VAE (and, for latent augmentation, an SD-inpainting UNet)
     data: str = ""

@@ -58,6 +58,17 @@ def parse_config(cls, argv: list[str] | None = None, prog: str = "train.py"):
     return cls(**values)
 
 
+@dataclasses.dataclass(kw_only=True)
+class TrainOptions:
+    """The options every training method has (keyword-only, so a method's own required options may come first)."""
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500
+    sample_every: int = 500        # 0: no sample images
+    mixed_precision: str = "no"    # no | fp16 | bf16 (forward under autocast, trained weights float32)
+    gradient_checkpointing: bool = False   # recompute activations in backward (what: see each method)
+
+
 # -- data ------------------------------------------------------------------------------------------------------
 def _square(img: Image.Image, size: int, resample) -> Image.Image:
     """Shorter side to ``size``, then the centre ``size`` x ``size``."""

@@ -66,8 +66,8 @@ from ..nodes.common import wrap_patcher
 from ..nodes.largen import (SDXL_CONTEXT, SDXL_POOLED, RefineNetModel, RefinePatch, SubjectPatch, _clip_width_error,
                             encode_subject, encode_zero_image, largen_from_parts, load_refinenet,
                             refinenet_from_parts, subject_latent)
-from .common import (MASK_SUFFIX, ImageFolder, Loop, PromptEncoder, autocast, checkpointed_blocks, optimizer_step,
-                     parse_config, require_epsilon, sampler_options, save_image, sdxl_y, unet_blocks)
+from .common import (ImageFolder, Loop, MASK_SUFFIX, PromptEncoder, TrainOptions, autocast, checkpointed_blocks,
+                     optimizer_step, parse_config, require_epsilon, sampler_options, save_image, sdxl_y, unet_blocks)
 
 log = logging.getLogger("consistent_inpaint.training.largen")
 
@@ -78,13 +78,13 @@ OUTPUT_NAMES = {1: "largen_stage1.safetensors", 2: "refinenet.safetensors"}
 
 
 @dataclass
-class LARGenConfig:
+class LARGenConfig(TrainOptions):
     """Train LAR-Gen: stage 1 (main UNet + subject projections, beta 1) or stage 2 (RefineNet, beta 0.3)."""
     stage: int                     # 1 or 2
     clip_vision: str               # CLIP ViT-H/14 image encoder file (ComfyUI clip_vision)
     data: str                      # folder: name.png + name.mask.png (white = object) [+ name.txt]
     output: str                    # folder for the .safetensors, state.pt, loss.csv, samples/
-    base: str = ""                 # SDXL inpainting checkpoint: stage 1's UNet (or a LAR-Gen file to continue); the text
+    base: str = ""                 # SDXL inpainting checkpoint: stage 1's UNet (or a LAR-Gen file to continue); text
     #                                encoders and VAE of both stages unless `clip` / `vae` are given
     largen: str = ""               # stage 2: the frozen main model (stage 1's output or largen_ckpt_s22k.pth)
     image_proj: str = ""           # ip-adapter-plus_sdxl_vit-h.bin ("" = the resampler inside base / largen)
@@ -103,14 +103,8 @@ class LARGenConfig:
     beta: float = -1.0             # image-attention weight; -1: the paper's (1.0 stage 1, 0.3 stage 2)
     drop_text: float = 0.05        # probability a sample's text prompt is dropped (empty prompt)
     drop_image: float = 0.05       # probability its image prompt is dropped (zero image), independently
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 500
-    sample_every: int = 500        # 0: no sample images
     sample_steps: int = 20
     sample_cfg: float = 7.5
-    mixed_precision: str = "no"    # no | fp16 | bf16 (forward under autocast, weights float32)
-    gradient_checkpointing: bool = False   # recompute every UNet / RefineNet res block and transformer in backward
     save_dtype: str = "float32"    # float32 | float16 | bfloat16 for the written file
 
 
@@ -220,8 +214,9 @@ class LARGenTrainer:
         self.encode_text = PromptEncoder(clip)
         empty, empty_pooled, _ = self.encode_text("")
         if empty.shape[-1] != SDXL_CONTEXT or empty_pooled is None or empty_pooled.shape[-1] != SDXL_POOLED:
-            raise ValueError(f"the text encoders must be SDXL's (width {SDXL_CONTEXT}, pooled {SDXL_POOLED}); got width "
-                             f"{empty.shape[-1]}, pooled {None if empty_pooled is None else empty_pooled.shape[-1]}")
+            got = None if empty_pooled is None else empty_pooled.shape[-1]
+            raise ValueError(f"the text encoders must be SDXL's (width {SDXL_CONTEXT}, pooled {SDXL_POOLED}); got "
+                             f"width {empty.shape[-1]}, pooled {got}")
         if getattr(vae, "latent_channels", 4) != 4:
             raise ValueError(f"the VAE must be SDXL's (4 latent channels); this one has {vae.latent_channels}")
 
@@ -249,7 +244,8 @@ class LARGenTrainer:
 
         self.refine = None
         if self.stage == 1:
-            named = {f"adapter.{n}": p for n, p in self.adapter.named_parameters() if n.startswith(("to_k_ip", "to_v_ip"))}
+            named = {f"adapter.{n}": p for n, p in self.adapter.named_parameters()
+                     if n.startswith(("to_k_ip", "to_v_ip"))}
             if cfg.train == "unet":
                 named.update({f"unet.{n}": p for n, p in self.unet.named_parameters()})
         else:
@@ -280,8 +276,8 @@ class LARGenTrainer:
         data = ImageFolder(self.cfg.data, self.cfg.load_size or 2 * self.resolution)
         missing = [p.name for p in data.items if not p.with_name(p.stem + MASK_SUFFIX).exists()]
         if missing:
-            raise ValueError(f"LAR-Gen trains on (image, object mask, local prompt) triples; {len(missing)} image(s) in "
-                             f"{self.cfg.data} have no name{MASK_SUFFIX} beside them: {', '.join(missing[:5])}")
+            raise ValueError(f"LAR-Gen trains on (image, object mask, local prompt) triples; {len(missing)} image(s) "
+                             f"in {self.cfg.data} have no name{MASK_SUFFIX} beside them: {', '.join(missing[:5])}")
         return data
 
     def item(self, data: ImageFolder, i: int):
@@ -328,7 +324,8 @@ class LARGenTrainer:
             tokens.append(self.zero_tokens if d else
                           self.adapter.resampler(pen.to(self.device, self.adapter.dtype)).float().cpu())
         b = dict(pixels=pixels, hole=hole, raw=raw, masked_raw=masked_raw, context=context, pooled=pooled,
-                 y=sdxl_y(self.base_model, pooled, self.resolution), tokens=torch.cat(tokens), drop_text=drop_text, drop_image=drop_image,
+                 y=sdxl_y(self.base_model, pooled, self.resolution), tokens=torch.cat(tokens), drop_text=drop_text,
+                 drop_image=drop_image,
                  squares=[s for _, _, s, _ in items])
         if self.stage == 2:
             b["clip_last"] = torch.cat(lasts).float()
@@ -388,8 +385,8 @@ class LARGenTrainer:
     # -- files --
     def state_dict_to_save(self) -> dict:
         if self.stage == 1:
-            ip = {s: (self.adapter.to_k_ip[largen.site_name(s)].weight, self.adapter.to_v_ip[largen.site_name(s)].weight)
-                  for s in self.adapter.sites}
+            a = self.adapter
+            ip = {s: (a.to_k_ip[largen.site_name(s)].weight, a.to_v_ip[largen.site_name(s)].weight) for s in a.sites}
             return largen.join_checkpoint(self.unet.state_dict(), ip, self.adapter.resampler.state_dict())
         sd = self.refine.net.state_dict()
         projector = {k[len("projector."):]: v for k, v in sd.items() if k.startswith("projector.")}

@@ -34,8 +34,8 @@ from ..models.largen import latent_grid
 from ..nodes.branch import BranchPatch, InpaintBranch
 from ..nodes.branch_unet import ATTENTION_PROBE, GRADIENT_CHECKPOINT, BranchNet
 from ..nodes.common import wrap_patcher
-from .common import (ImageFolder, Loop, PromptEncoder, autocast, evaluating, nearest, optimizer_step, parse_config,
-                     require_epsilon, sampler_options, save_image, sdxl_y)
+from .common import (ImageFolder, Loop, PromptEncoder, TrainOptions, autocast, evaluating, nearest, optimizer_step,
+                     parse_config, require_epsilon, sampler_options, save_image, sdxl_y)
 
 log = logging.getLogger("consistent_inpaint.training.painternet")
 
@@ -43,7 +43,7 @@ CLIP_START, CLIP_END = 49406, 49407      # CLIP BPE start / end-of-text ids (SD1
 
 
 @dataclass
-class PainterNetConfig:
+class PainterNetConfig(TrainOptions):
     """Train a PainterNet branch (writes a file Load Inpaint Branch reads)."""
     base: str                      # ComfyUI checkpoint (UNet + CLIP + VAE), SD1.5 or SDXL, epsilon prediction
     data: str                      # folder: name.png [+ name.mask.png] [+ name.txt]
@@ -54,13 +54,7 @@ class PainterNetConfig:
     lr: float = 1e-5
     beta: float = 1e-5             # ATAL weight (paper: 1e-5)
     mask: str = branch_layouts.MASK_KEEP
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 500
-    sample_every: int = 500        # 0: no sample images
     sample_steps: int = 20
-    mixed_precision: str = "no"    # no | fp16 | bf16 (forward under autocast, weights float32)
-    gradient_checkpointing: bool = False   # recompute the branch's blocks in backward
 
 
 def _base_of(model) -> str:
@@ -68,7 +62,8 @@ def _base_of(model) -> str:
     base = {768: "sd15", 2048: "sdxl"}.get(cfg.get("context_dim"))
     if base is None or cfg.get("in_channels") != 4:
         raise ValueError("PainterNet trains on a text-to-image SD1.5 or SDXL UNet (4-channel input, text width 768 or "
-                         f"2048); this one has in_channels={cfg.get('in_channels')}, context_dim={cfg.get('context_dim')}")
+                         f"2048); this one has in_channels={cfg.get('in_channels')}, "
+                         f"context_dim={cfg.get('context_dim')}")
     require_epsilon(model, "PainterNet training")
     return base
 

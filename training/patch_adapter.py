@@ -92,8 +92,8 @@ from ..nodes.branch_unet import transformer_sites
 from ..nodes.common import wrap_patcher
 from ..nodes.patch_adapter import DualContextPatch, PatchAdapter, PatchAdapterNet, ReferencePatch, _attach_reference
 from ..nodes.patch_refine import _reference_tokens_latent
-from .common import (ImageFolder, Loop, PromptEncoder, autocast, checkpointed_blocks, evaluating, optimizer_step,
-                     parse_config, require_epsilon, sampler_options, save_image, sdxl_y, unet_blocks)
+from .common import (ImageFolder, Loop, PromptEncoder, TrainOptions, autocast, checkpointed_blocks, evaluating,
+                     optimizer_step, parse_config, require_epsilon, sampler_options, save_image, sdxl_y, unet_blocks)
 
 log = logging.getLogger("consistent_inpaint.training.patch_adapter")
 
@@ -103,7 +103,7 @@ OUTPUT_NAME = "patch_adapter.safetensors"
 
 
 @dataclass
-class PatchAdapterConfig:
+class PatchAdapterConfig(TrainOptions):
     """Train one Patch-Adapter stage (writes a file Load Patch-Adapter reads)."""
     base: str                      # ComfyUI checkpoint (UNet + CLIP + VAE): SD1.5- or SDXL-inpainting, epsilon
     data: str                      # folder: name.png [+ name.mask.png] [+ name.txt]
@@ -120,15 +120,9 @@ class PatchAdapterConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-2     # projections only (gates: 0)
     max_timestep: int = 1000       # timesteps uniform in [0, max_timestep)
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 500
-    sample_every: int = 500        # 0: no sample images
     sample_steps: int = 20
     sample_cfg: float = 7.5
     sample_denoise: float = 0.5    # rpa samples (High-Res Patch Refine's default)
-    mixed_precision: str = "no"    # no | fp16 | bf16 (forward under autocast, weights float32)
-    gradient_checkpointing: bool = False   # recompute the UNet's res blocks and transformers in backward
 
 
 # -- checks ------------------------------------------------------------------------------------------------------
