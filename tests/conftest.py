@@ -7,7 +7,19 @@ way ComfyUI does.
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for p in (ROOT, os.path.join(ROOT, "tests", "unit")):
     if p not in sys.path:
         sys.path.insert(0, p)
+
+
+@pytest.fixture
+def checkpoint_calls(monkeypatch):
+    """A list that gets an entry for every ``torch.utils.checkpoint.checkpoint`` call made during the test."""
+    import torch.utils.checkpoint as tuc
+    calls = []
+    original = tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls

@@ -302,13 +302,10 @@ def test_decoder_run_writes_a_file_harmonizing_decode_reads_exactly(comfy, run_p
     assert not torch.allclose(r.output(dec.id, 0), r.output(plain.id, 0), atol=1e-3)
 
 
-def test_mixed_precision_and_checkpointing_steps_run(comfy, files, tmp_path, monkeypatch):
+def test_mixed_precision_and_checkpointing_steps_run(comfy, files, tmp_path, checkpoint_calls):
     """bf16 and fp16 (loss-scaled) autocast give a finite loss close to float32's and keep the trained weights in
     float32; gradient checkpointing recomputes the MAE's blocks."""
-    import torch.utils.checkpoint as tuc
-    calls = []
-    original = tuc.checkpoint
-    monkeypatch.setattr(tuc, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls = checkpoint_calls
     losses = {}
     for mp, ckpt in (("no", False), ("bf16", True), ("fp16", False)):
         trainer = _mae_trainer(comfy, files, tmp_path / mp, mixed_precision=mp, gradient_checkpointing=ckpt)
@@ -322,16 +319,13 @@ def test_mixed_precision_and_checkpointing_steps_run(comfy, files, tmp_path, mon
 
 
 @pytest.mark.parametrize("which", ["alignment", "decoder"])
-def test_alignment_and_decoder_checkpointing_and_half_precision(comfy, files, checkpoint, tmp_path, monkeypatch,
+def test_alignment_and_decoder_checkpointing_and_half_precision(comfy, files, checkpoint, tmp_path, checkpoint_calls,
                                                                 which):
     """Gradient checkpointing (alignment: the frozen UNet recomputed; decoder: its res blocks) gives the same loss and
     gradients; bf16 / fp16 (loss-scaled) steps give float32's loss to half precision and finite float32 weights."""
     make = _alignment_trainer if which == "alignment" else _decoder_trainer
     extra = dict(latent_augmentation=0.5) if which == "decoder" else {}
-    import torch.utils.checkpoint as tuc
-    calls = []
-    original = tuc.checkpoint
-    monkeypatch.setattr(tuc, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls = checkpoint_calls
     results = []
     for ckpt in (False, True):
         calls.clear()
