@@ -47,7 +47,7 @@ import comfy.sd
 from ..models import asuka, asuka_alignment, harmonizing_decoder, masks
 from ..models.imaging import color_jitter
 from .common import (ImageFolder, Loop, MASK_SUFFIX, TrainOptions, _square, autocast, checkpointed, cosine_lr,
-                     parse_config, require_epsilon, save_image)
+                     load_base, load_on_device, make_scaler, parse_config, require_epsilon, save_image)
 
 log = logging.getLogger("consistent_inpaint.training.asuka")
 
@@ -85,13 +85,14 @@ class _Trainer:
     losses = ("loss",)
     output_name = ""
 
-    def setup(self, cfg, data: MaskedImages, module: torch.nn.Module, lr: float, weight_decay: float):
+    def setup(self, cfg, data: MaskedImages, module: torch.nn.Module, lr: float, weight_decay: float, through=()):
+        """``through``: the frozen MODELs the gradient passes back through (their dtype may call for loss scaling)."""
         self.cfg, self.data, self.module = cfg, data, module
         self.device = self.device if hasattr(self, "device") else mm.get_torch_device()
         self.base_lr = lr
         self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
                                            weight_decay=weight_decay)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
+        self.scaler = make_scaler(self.device, cfg.mixed_precision, *through)
         self.mask_rng = torch.Generator().manual_seed(cfg.seed)
         self.data_rng = torch.Generator().manual_seed(cfg.seed + 1)
         self.aug_rng = torch.Generator().manual_seed(cfg.seed + 3)
@@ -128,12 +129,13 @@ class _Trainer:
         return Loop(name=self.name, output=cfg.output, steps=cfg.steps, module=self.module, optimizer=self.optimizer,
                     generators={"mask": self.mask_rng, "data": self.data_rng, "augment": self.aug_rng},
                     loss_names=list(self.losses), step_fn=step_fn, save_fn=self.save, sample_fn=self.sample,
-                    log_every=cfg.log_every, save_every=cfg.save_every, sample_every=cfg.sample_every).run()
+                    scaler=self.scaler, log_every=cfg.log_every, save_every=cfg.save_every,
+                    sample_every=cfg.sample_every).run()
 
 
 def _load_checkpoint(path: str, model=None, clip=None, vae=None):
     if model is None and vae is None:
-        model, clip, vae = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True)[:3]
+        model, clip, vae = load_base(path)
     if vae is None:
         raise ValueError(f"{path} must carry a VAE")
     return model, clip, vae
@@ -178,7 +180,7 @@ class _InpaintUNet:
         return x, sigma, eps
 
     def eps(self, x, sigma, hole, masked_raw, context, checkpoint: bool = False) -> torch.Tensor:
-        mm.load_models_gpu([self.model])
+        load_on_device(self.model)
         concat = self.model.model.concat_cond(noise=x, concat_mask=hole.to(self.device),
                                               concat_latent_image=masked_raw, device=self.device)
         xc = torch.cat([self.sampling.calculate_input(sigma, x), concat.to(x.dtype)], dim=1)
@@ -291,7 +293,7 @@ class AlignmentTrainer(_Trainer):
                                                     heads=width // 64, depth=cfg.depth, mlp_hidden=4 * width)
         torch.manual_seed(cfg.seed)               # the new module's initial weights follow the run's seed
         align = asuka_alignment.AsukaAlignment(align_cfg, dtype=torch.float32, device=self.device)
-        self.setup(cfg, MaskedImages(cfg.data, cfg.resolution), align.train(), cfg.lr, cfg.weight_decay)
+        self.setup(cfg, MaskedImages(cfg.data, cfg.resolution), align.train(), cfg.lr, cfg.weight_decay, (model,))
 
     def substitution(self, step: int) -> float:
         c = self.cfg

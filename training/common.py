@@ -68,6 +68,13 @@ class TrainOptions:
     mixed_precision: str = "no"    # no | fp16 | bf16 (forward under autocast, trained weights float32)
     gradient_checkpointing: bool = False   # recompute activations in backward (what: see each method)
 
+    def __post_init__(self):
+        if self.log_every < 1 or self.save_every < 1 or self.sample_every < 0:
+            raise ValueError(f"log_every and save_every must be >= 1 and sample_every >= 0 (0: no samples); got "
+                             f"{self.log_every}, {self.save_every}, {self.sample_every}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be no, fp16 or bf16; got {self.mixed_precision!r}")
+
 
 # -- data ------------------------------------------------------------------------------------------------------
 def _square(img: Image.Image, size: int, resample) -> Image.Image:
@@ -112,17 +119,22 @@ class ImageFolder:
 
 
 # -- run state -------------------------------------------------------------------------------------------------
-def save_state(path: Path, step: int, trainable: dict, optimizer, generators: dict) -> None:
-    """Everything needed to resume, in a file ``torch.load(weights_only=True)`` reads; written atomically."""
+def save_state(path: Path, step: int, trainable: dict, optimizer, generators: dict, scaler=None) -> None:
+    """Everything needed to resume (weights, optimiser, loss scaler, the CPU and CUDA generators and the run's own),
+    in a file ``torch.load(weights_only=True)`` reads; written atomically."""
     state = {"step": step, "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
              "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
              "generators": {k: g.get_state() for k, g in generators.items()}}
+    if torch.cuda.is_available():          # the noise drawn on the GPU must not replay after a resume
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if scaler is not None and scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def load_state(path: Path, module, optimizer, generators: dict) -> int:
+def load_state(path: Path, module, optimizer, generators: dict, scaler=None) -> int:
     """Restores a :func:`save_state` file; -> the step to continue from."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     try:
@@ -134,17 +146,26 @@ def load_state(path: Path, module, optimizer, generators: dict) -> int:
     torch.set_rng_state(state["torch_rng"])
     for k, g in generators.items():
         g.set_state(state["generators"][k])
+    if "cuda_rng" in state and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if scaler is not None and scaler.is_enabled() and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     return int(state["step"])
 
 
 class LossLog:
-    """A CSV of (step, losses...) in the output folder, appended to on resume."""
+    """A CSV of (step, losses...) in the output folder. A resumed run keeps the rows up to the step it resumes from
+    (``resumed``) and drops any logged after that state was saved, so every step appears once; a fresh run starts
+    the file anew."""
 
-    def __init__(self, path: Path, names: list[str]):
+    def __init__(self, path: Path, names: list[str], resumed: int = 0):
         self.path, self.names = path, names
-        if not path.exists():
-            with open(path, "w", newline="") as fh:
-                csv.writer(fh).writerow(["step", *names])
+        rows = []
+        if resumed and path.exists():
+            with open(path, newline="") as fh:
+                rows = [r for r in list(csv.reader(fh))[1:] if r and int(r[0]) <= resumed]
+        with open(path, "w", newline="") as fh:
+            csv.writer(fh).writerows([["step", *names], *rows])
 
     def write(self, step: int, values: dict) -> None:
         with open(self.path, "a", newline="") as fh:
@@ -214,12 +235,41 @@ class PromptEncoder:
 
 
 def require_epsilon(model, what: str) -> None:
-    """The trainers' targets are epsilon: refuse v-prediction, flow and other parameterisations up front."""
+    """The trainers' targets are epsilon: refuse v-prediction, x0, flow and other parameterisations up front (the
+    model's ``calculate_denoised`` must be EPS's own: x0 models subclass EPS but denoise differently)."""
     import comfy.model_sampling
     sampling = model.get_model_object("model_sampling")
-    if not isinstance(sampling, comfy.model_sampling.EPS) or isinstance(sampling, comfy.model_sampling.V_PREDICTION):
-        raise ValueError(f"{what} supports epsilon-prediction base models only; this one predicts "
-                         f"{type(sampling).__name__}")
+    if type(sampling).calculate_denoised is not comfy.model_sampling.EPS.calculate_denoised:
+        kind = next(c.__name__ for c in type(sampling).__mro__ if "calculate_denoised" in c.__dict__)
+        raise ValueError(f"{what} supports epsilon-prediction base models only; this one is {kind}")
+
+
+def load_base(path: str):
+    """(MODEL, CLIP, VAE) of a checkpoint, the UNet in float32 whatever ComfyUI would pick for inference: the
+    gradient of every trainer passes back through the frozen UNet, and fp16 weights without loss scaling would let
+    it underflow. ``mixed_precision`` decides the compute precision (autocast)."""
+    import comfy.sd
+    return comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True,
+                                                 model_options={"dtype": torch.float32})[:3]
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype ComfyUI runs a MODEL's UNet in (as ``BaseModel._apply_model``)."""
+    return model.model.manual_cast_dtype or model.model.get_dtype()
+
+
+def make_scaler(device: torch.device, mixed_precision: str, *models) -> torch.amp.GradScaler:
+    """The loss scaler: on for fp16 autocast, and whenever a model the gradient passes through computes in float16
+    (a MODEL handed in already loaded for inference)."""
+    half = any(compute_dtype(m) == torch.float16 for m in models)
+    return torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16" or half)
+
+
+def load_on_device(*patchers) -> None:
+    """The patchers on the device, whole: never partially (low-VRAM) loaded, since the optimiser's state and the
+    gradients of what trains live on the device."""
+    import comfy.model_management as mm
+    mm.load_models_gpu(list(patchers), force_full_load=True)
 
 
 def sdxl_y(base_model, pooled: torch.Tensor, size: int) -> torch.Tensor:
@@ -317,6 +367,7 @@ class Loop:
     step_fn: object
     save_fn: object
     sample_fn: object = None
+    scaler: object = None                # the fp16 loss scaler (its scale is part of the state)
     log_every: int = 10
     save_every: int = 500
     sample_every: int = 0
@@ -325,10 +376,10 @@ class Loop:
         out = Path(self.output)
         (out / "samples").mkdir(parents=True, exist_ok=True)
         state = out / "state.pt"
-        step = load_state(state, self.module, self.optimizer, self.generators) if state.exists() else 0
+        step = load_state(state, self.module, self.optimizer, self.generators, self.scaler) if state.exists() else 0
         if step:
             log.info("resuming %s at step %d", out, step)
-        losses = LossLog(out / "loss.csv", self.loss_names)
+        losses = LossLog(out / "loss.csv", self.loss_names, step)
         bar = tqdm(total=self.steps, initial=step, desc=self.name, unit="step")
         path = None
         while step < self.steps:
@@ -346,6 +397,6 @@ class Loop:
                 self.sample_fn(out / "samples" / f"step_{step:07d}.png")
             if step % self.save_every == 0 or step == self.steps:
                 path = self.save_fn()
-                save_state(state, step, self.module.state_dict(), self.optimizer, self.generators)
+                save_state(state, step, self.module.state_dict(), self.optimizer, self.generators, self.scaler)
         bar.close()
         return path if path is not None else self.save_fn()

@@ -67,7 +67,8 @@ from ..nodes.largen import (SDXL_CONTEXT, SDXL_POOLED, RefineNetModel, RefinePat
                             encode_subject, encode_zero_image, largen_from_parts, load_refinenet,
                             refinenet_from_parts, subject_latent)
 from .common import (ImageFolder, Loop, MASK_SUFFIX, PromptEncoder, TrainOptions, autocast, checkpointed_blocks,
-                     optimizer_step, parse_config, require_epsilon, sampler_options, save_image, sdxl_y, unet_blocks)
+                     load_on_device, make_scaler, optimizer_step, parse_config, require_epsilon, sampler_options,
+                     save_image, sdxl_y, unet_blocks)
 
 log = logging.getLogger("consistent_inpaint.training.largen")
 
@@ -123,8 +124,6 @@ def check_config(cfg: LARGenConfig) -> None:
             problems.append(f"{name} is a probability in [0, 1]; got {getattr(cfg, name)}")
     if cfg.beta < 0 and cfg.beta != -1:
         problems.append(f"beta must be >= 0 (or -1 for the paper's value); got {cfg.beta}")
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        problems.append(f"mixed_precision must be no, fp16 or bf16; got {cfg.mixed_precision!r}")
     if cfg.save_dtype not in SAVE_DTYPES:
         problems.append(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}; got {cfg.save_dtype!r}")
     if cfg.context_factor < 1:
@@ -265,11 +264,11 @@ class LARGenTrainer:
         # what state.pt keeps: the trainable tensors themselves (loading copies into them)
         self.trainable = nn.ParameterDict({n.replace(".", "__"): p for n, p in named.items()})
         self.optimizer = torch.optim.AdamW(list(named.values()), lr=cfg.lr)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
+        self.scaler = make_scaler(self.device, cfg.mixed_precision, self.model)
         self.data_rng = torch.Generator().manual_seed(cfg.seed + 1)
         self.drop_rng = torch.Generator().manual_seed(cfg.seed + 2)
         torch.manual_seed(cfg.seed)
-        mm.load_models_gpu([self.model])
+        load_on_device(self.model)
 
     # -- inputs --
     def dataset(self) -> ImageFolder:
@@ -365,7 +364,7 @@ class LARGenTrainer:
         concat = self.base_model.concat_cond(noise=x, device=dev, concat_latent_image=b["masked_raw"].to(dev),
                                              concat_mask=b["hole"].to(dev))
         model = self.patched(b, refine_seed)
-        mm.load_models_gpu([self.model])     # again, in case encoding the batch unloaded the UNet
+        load_on_device(self.model)           # again, in case encoding the batch unloaded the UNet
         # what ComfyUI's sampler hands the model: the patched options plus its wrappers, every row a "cond" row
         to = sampler_options(model, sigma)
         checkpointing = checkpointed_blocks(self.checkpointed_modules()) if self.cfg.gradient_checkpointing \
@@ -436,7 +435,7 @@ class LARGenTrainer:
                     loss_names=["loss", "hole"], step_fn=step_fn,
                     save_fn=lambda: self.save(out / OUTPUT_NAMES[self.stage]),
                     sample_fn=lambda path: self.sample(fixed, path, cfg.sample_steps), log_every=cfg.log_every,
-                    save_every=cfg.save_every, sample_every=cfg.sample_every)
+                    save_every=cfg.save_every, sample_every=cfg.sample_every, scaler=self.scaler)
         return loop.run()
 
 

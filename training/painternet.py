@@ -34,8 +34,9 @@ from ..models.largen import latent_grid
 from ..nodes.branch import BranchPatch, InpaintBranch
 from ..nodes.branch_unet import ATTENTION_PROBE, GRADIENT_CHECKPOINT, BranchNet
 from ..nodes.common import wrap_patcher
-from .common import (ImageFolder, Loop, PromptEncoder, TrainOptions, autocast, evaluating, nearest, optimizer_step,
-                     parse_config, require_epsilon, sampler_options, save_image, sdxl_y)
+from .common import (ImageFolder, Loop, PromptEncoder, TrainOptions, autocast, evaluating, load_base, load_on_device,
+                     make_scaler, nearest, optimizer_step, parse_config, require_epsilon, sampler_options, save_image,
+                     sdxl_y)
 
 log = logging.getLogger("consistent_inpaint.training.painternet")
 
@@ -74,7 +75,7 @@ class PainterNetTrainer:
         if cfg.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8; got {cfg.resolution}")
         if model is None:
-            model, clip, vae = comfy.sd.load_checkpoint_guess_config(cfg.base, output_vae=True, output_clip=True)[:3]
+            model, clip, vae = load_base(cfg.base)
         if clip is None or vae is None:
             raise ValueError(f"{cfg.base} must carry the text encoder and the VAE as well as the UNet")
         self.model, self.clip, self.vae = model, clip, vae
@@ -92,13 +93,13 @@ class PainterNetTrainer:
         self.patch = BranchPatch(branch, placeholder, 1.0, (math.inf, 0.0), 4, None,
                                  branch_layouts.injection_sites(self.spec))
         self.patched = self.patch.attach(model)
-        mm.load_models_gpu([self.patched])          # the UNet on the device, with the branch's object patches
+        load_on_device(self.patched)                # the UNet on the device, with the branch's object patches
         unet.requires_grad_(False)
         net.requires_grad_(True).train()
         self.sampling = model.get_model_object("model_sampling")
         self.latent_format = model.get_model_object("latent_format")
         self.optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
+        self.scaler = make_scaler(self.device, cfg.mixed_precision, model)
         self.mask_rng = torch.Generator().manual_seed(cfg.seed)
         self.data_rng = torch.Generator().manual_seed(cfg.seed + 1)
         torch.manual_seed(cfg.seed)
@@ -138,7 +139,7 @@ class PainterNetTrainer:
         pixels, hole = b["pixels"], b["hole"]
         latent, masked = self.encode_image(torch.cat([pixels, pixels * (1 - hole)])).chunk(2)   # one VAE call
         self.patch.cond = self.branch_cond(masked, hole)     # training only: this run's own patch
-        mm.load_models_gpu([self.patched])     # again, in case loading the VAE unloaded the UNet and its patches
+        load_on_device(self.patched)           # again, in case loading the VAE unloaded the UNet and its patches
         B = latent.shape[0]
         t = torch.randint(0, len(self.sampling.sigmas), (B,))
         sigma = self.sampling.sigmas[t].to(self.device, torch.float32)
@@ -211,7 +212,8 @@ class PainterNetTrainer:
         return Loop(name="PainterNet", output=cfg.output, steps=cfg.steps, module=self.net, optimizer=self.optimizer,
                     generators={"mask": self.mask_rng, "data": self.data_rng}, loss_names=["loss", "diffusion", "atal"],
                     step_fn=step_fn, save_fn=save_fn, sample_fn=lambda path: self.sample(fixed, path, cfg.sample_steps),
-                    log_every=cfg.log_every, save_every=cfg.save_every, sample_every=cfg.sample_every).run()
+                    scaler=self.scaler, log_every=cfg.log_every, save_every=cfg.save_every,
+                    sample_every=cfg.sample_every).run()
 
 
 def main(argv=None):

@@ -93,7 +93,8 @@ from ..nodes.common import wrap_patcher
 from ..nodes.patch_adapter import DualContextPatch, PatchAdapter, PatchAdapterNet, ReferencePatch, _attach_reference
 from ..nodes.patch_refine import _reference_tokens_latent
 from .common import (ImageFolder, Loop, PromptEncoder, TrainOptions, autocast, checkpointed_blocks, evaluating,
-                     optimizer_step, parse_config, require_epsilon, sampler_options, save_image, sdxl_y, unet_blocks)
+                     load_base, load_on_device, make_scaler, optimizer_step, parse_config, require_epsilon,
+                     sampler_options, save_image, sdxl_y, unet_blocks)
 
 log = logging.getLogger("consistent_inpaint.training.patch_adapter")
 
@@ -147,10 +148,8 @@ def check_config(cfg: PatchAdapterConfig) -> None:
             raise ValueError(f"reference_context must be >= 1; got {cfg.reference_context}")
     if not 1 <= cfg.max_timestep <= 1000:
         raise ValueError(f"max_timestep must lie in 1..1000; got {cfg.max_timestep}")
-    if cfg.batch_size < 1 or cfg.steps < 1 or cfg.log_every < 1 or cfg.save_every < 1:
-        raise ValueError("batch_size, steps, log_every and save_every must be at least 1")
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ValueError(f"mixed_precision must be no, fp16 or bf16; got {cfg.mixed_precision!r}")
+    if cfg.batch_size < 1 or cfg.steps < 1:
+        raise ValueError("batch_size and steps must be at least 1")
 
 
 def base_of(model) -> str:
@@ -281,7 +280,7 @@ class PatchAdapterTrainer:
         self.cfg, self.stage = cfg, cfg.stage
         self.dataset = ImageFolder(cfg.data, self.image_size)         # a wrong folder fails before any loading
         if model is None:
-            model, clip, vae = comfy.sd.load_checkpoint_guess_config(cfg.base, output_vae=True, output_clip=True)[:3]
+            model, clip, vae = load_base(cfg.base)
         self.base = base_of(model)
         if clip is None or vae is None:
             raise ValueError(f"{cfg.base} must carry the text encoder and the VAE as well as the UNet")
@@ -315,14 +314,14 @@ class PatchAdapterTrainer:
         else:
             self.patch = ReferencePatch(torch.zeros(1, 4, 1, 1), self.adapter, 0, (0,))
         self.patched = self.patch.attach(model)
-        mm.load_models_gpu([self.patched])        # the UNet on the device, with the adapter as an additional model
+        load_on_device(self.patched)              # the UNet on the device, with the adapter as an additional model
         unet.requires_grad_(False)
         self.module.requires_grad_(True).train()
         decay = [p for n, p in self.module.named_parameters() if not n.startswith("gate.")]
         gates = [p for n, p in self.module.named_parameters() if n.startswith("gate.")]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": gates, "weight_decay": 0.0}], lr=cfg.lr)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
+        self.scaler = make_scaler(self.device, cfg.mixed_precision, model)
         self.sampling = model.get_model_object("model_sampling")
         self.latent_format = model.get_model_object("latent_format")
         self.mask_rng = torch.Generator().manual_seed(cfg.seed)
@@ -409,7 +408,7 @@ class PatchAdapterTrainer:
             self.patch.latent = self.reference_latents(b)
             self.patch.seed = int(torch.randint(0, 2 ** 31, ()))      # the reference's noise for this step
             t = torch.randint(0, self.cfg.max_timestep, (1,)).expand(B)
-        mm.load_models_gpu([patcher])         # again, in case loading the VAE unloaded the UNet and the adapter
+        load_on_device(patcher)               # again, in case loading the VAE unloaded the UNet and the adapter
         x0 = self.latent_format.process_in(raw).to(self.device)
         sigma = self.sampling.sigmas[t].to(self.device, torch.float32)
         eps = torch.randn_like(x0)
@@ -527,7 +526,7 @@ class PatchAdapterTrainer:
                     optimizer=self.optimizer, generators={"mask": self.mask_rng, "data": self.data_rng},
                     loss_names=["loss"], step_fn=step, save_fn=lambda: self.save(out / OUTPUT_NAME),
                     sample_fn=lambda path: self.sample(fixed, path, cfg.sample_steps), log_every=cfg.log_every,
-                    save_every=cfg.save_every, sample_every=cfg.sample_every).run()
+                    save_every=cfg.save_every, sample_every=cfg.sample_every, scaler=self.scaler).run()
 
 
 def main(argv=None):

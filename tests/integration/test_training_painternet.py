@@ -212,3 +212,18 @@ def test_sample_image_decodes_the_sampler_latent_as_is(comfy, base_ckpt, data_di
     with torch.no_grad():
         want = trainer.vae.decode(z)[0].clamp(0, 1).numpy()
     assert np.abs(shown - want).max() <= 1 / 255 + 1e-6
+
+
+def test_trainers_refuse_bases_that_do_not_predict_epsilon(comfy):
+    """x0 models subclass ComfyUI's EPS but denoise differently: the check is on what the model computes."""
+    from comfy.model_base import ModelType, model_sampling
+    common = _pack(comfy, "training.common")
+
+    def model(kind):
+        sampling = model_sampling(None, kind)
+        return type("M", (), {"get_model_object": lambda self, name: sampling})()
+    common.require_epsilon(model(ModelType.EPS), "training")
+    for kind, name in ((ModelType.V_PREDICTION, "V_PREDICTION"), (ModelType.IMG_TO_IMG, "X0"),
+                       (ModelType.EDM, "EDM"), (ModelType.FLOW, "CONST")):
+        with pytest.raises(ValueError, match=f"epsilon-prediction base models only; this one is {name}"):
+            common.require_epsilon(model(kind), "training")

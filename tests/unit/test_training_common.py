@@ -1,6 +1,8 @@
 """What every trainer shares (training/common.py), in plain torch: configuration, prompt cache, resumable state,
 gradient checkpointing of blocks, the optimiser step, eval mode for samples."""
+import csv
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -36,6 +38,23 @@ def test_parse_config_refuses_unknown_and_missing_options(tmp_path):
         common.parse_config(Cfg, ["--config", str(f)])
     with pytest.raises(SystemExit, match="missing required option.*data"):
         common.parse_config(Cfg, ["--steps", "3"])
+
+
+@dataclasses.dataclass
+class Method(common.TrainOptions):
+    """A method's config: its own required option first, the shared ones keyword-only."""
+    data: str
+
+
+def test_shared_options_are_checked_when_the_config_is_made():
+    assert Method("/d").save_every == 500 and Method("/d", seed=3).seed == 3
+    assert [f.name for f in dataclasses.fields(Method)][-1] == "data"
+    with pytest.raises(ValueError, match="log_every and save_every must be >= 1"):
+        Method("/d", save_every=0)
+    with pytest.raises(ValueError, match="sample_every >= 0"):
+        Method("/d", sample_every=-1)
+    with pytest.raises(ValueError, match="mixed_precision must be no, fp16 or bf16; got 'fp8'"):
+        Method("/d", mixed_precision="fp8")
 
 
 class FakeClip:
@@ -143,17 +162,33 @@ def test_optimizer_step_and_evaluating():
     assert not net.training
 
 
+def test_loss_scaling_is_on_for_fp16_autocast_and_for_a_float16_model():
+    dev = torch.device("cpu")
+
+    def model(dtype, cast=None):
+        return SimpleNamespace(model=SimpleNamespace(manual_cast_dtype=cast, get_dtype=lambda: dtype))
+    assert not common.make_scaler(dev, "no", model(torch.float32)).is_enabled()
+    assert not common.make_scaler(dev, "bf16", model(torch.bfloat16, torch.float32)).is_enabled()
+    assert common.make_scaler(dev, "fp16", model(torch.float32)).is_enabled()
+    assert common.make_scaler(dev, "no", model(torch.float32), model(torch.float16)).is_enabled()
+    assert common.make_scaler(dev, "bf16", model(torch.float8_e4m3fn, torch.float16)).is_enabled()
+
+
 def test_state_round_trip_and_mismatch(tmp_path):
     net, g = nn.Linear(2, 2), torch.Generator().manual_seed(3)
     opt = torch.optim.AdamW(net.parameters())
-    net(torch.ones(1, 2)).sum().backward()
-    opt.step()
-    common.save_state(tmp_path / "state.pt", 7, net.state_dict(), opt, {"g": g})
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler.scale(net(torch.ones(1, 2)).sum()).backward()
+    scaler.step(opt)
+    scaler.update(2.0 ** 7)                             # a scale the run has moved to
+    common.save_state(tmp_path / "state.pt", 7, net.state_dict(), opt, {"g": g}, scaler)
     want = torch.rand(3, generator=g)
     other, g2 = nn.Linear(2, 2), torch.Generator()
     opt2 = torch.optim.AdamW(other.parameters())
-    assert common.load_state(tmp_path / "state.pt", other, opt2, {"g": g2}) == 7
+    scaler2 = torch.amp.GradScaler("cpu")
+    assert common.load_state(tmp_path / "state.pt", other, opt2, {"g": g2}, scaler2) == 7
     assert torch.equal(other.weight, net.weight) and torch.equal(torch.rand(3, generator=g2), want)
+    assert scaler2.get_scale() == 2.0 ** 7
     with pytest.raises(ValueError, match="does not match this run's trainable weights"):
         common.load_state(tmp_path / "state.pt", nn.Linear(3, 2), opt2, {"g": g2})
 
@@ -182,3 +217,41 @@ def test_cosine_lr():
     assert common.cosine_lr(1.0, 0, 100) == 1.0
     assert common.cosine_lr(1.0, 50, 100) == pytest.approx(0.5)
     assert common.cosine_lr(1.0, 100, 100) == pytest.approx(0.0) == common.cosine_lr(1.0, 300, 100)
+
+
+def test_a_resumed_loop_logs_every_step_once(tmp_path):
+    """A run stopped after logging step 3 but saving only step 2 resumes at 2: loss.csv keeps 1 and 2, drops the
+    stale 3, and the resumed run logs 3 and 4; the trained weights equal an uninterrupted run's."""
+    def make(crash_at=None):
+        torch.manual_seed(0)
+        net = nn.Linear(2, 1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(1)
+
+        def step_fn(step):
+            if step == crash_at:
+                raise KeyboardInterrupt
+            x = torch.rand(4, 2, generator=g)
+            return common.optimizer_step(opt, torch.amp.GradScaler("cpu", enabled=False),
+                                         {"loss": (net(x) - 1).square().mean()})
+        return net, common.Loop(name="t", output=str(out), steps=4, module=net, optimizer=opt, generators={"g": g},
+                                loss_names=["loss"], step_fn=step_fn, save_fn=lambda: out / "w",
+                                log_every=1, save_every=2)
+
+    out = tmp_path / "whole"
+    whole, loop = make()
+    loop.run()
+    out = tmp_path / "resumed"
+    _, loop = make(crash_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run()
+    with open(out / "loss.csv") as fh:
+        assert [r["step"] for r in csv.DictReader(fh)] == ["1", "2", "3"]
+    resumed, loop = make()
+    loop.run()
+    with open(out / "loss.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(tmp_path / "whole" / "loss.csv") as fh:
+        assert rows == list(csv.DictReader(fh))
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
+    assert torch.equal(resumed.weight, whole.weight)
