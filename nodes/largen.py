@@ -233,11 +233,12 @@ def encode_subject(clip_vision, square: torch.Tensor):
     return out["penultimate_hidden_states"], out["last_hidden_state"]
 
 
-def subject_latent(vae, latent_format, square: torch.Tensor, resolution: int) -> torch.Tensor:
-    """The RefineNet's input: square subject images [S,3,s,s] in [0, 1] resized to ``resolution`` and encoded, at the
-    model's latent scale -> [S,4,resolution/8,resolution/8]."""
-    pixels = F.interpolate(square, size=(resolution, resolution), mode="bicubic", antialias=True,
-                           align_corners=False).clamp(0, 1)
+def subject_latent(vae, latent_format, squares, resolution: int) -> torch.Tensor:
+    """The RefineNet's input: square subject images in [0, 1] ([S,3,s,s], or a list of such whose sides differ)
+    resized to ``resolution`` and encoded in one VAE call, at the model's latent scale -> [S,4,res/8,res/8]."""
+    squares = [squares] if torch.is_tensor(squares) else squares
+    pixels = torch.cat([F.interpolate(sq, size=(resolution, resolution), mode="bicubic", antialias=True,
+                                      align_corners=False) for sq in squares]).clamp(0, 1)
     return latent_format.process_in(vae.encode(pixels.movedim(1, -1)).float())
 
 

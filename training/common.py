@@ -272,6 +272,17 @@ def load_on_device(*patchers) -> None:
     mm.load_models_gpu(list(patchers), force_full_load=True)
 
 
+def sample_conds(prompts: PromptEncoder, context: torch.Tensor, pooled: torch.Tensor | None, size: int | None = None,
+                 **extra) -> tuple[list, list]:
+    """ComfyUI CONDITIONING (positive, negative) for a trainer's sample image: the first row's prompt against the
+    empty prompt. ``size``: SDXL's width / height; ``extra``: more keys for both (the inpaint inputs)."""
+    if size:
+        extra.update(width=size, height=size)
+    neg = prompts("")
+    positive = [[context[:1], dict(extra, pooled_output=None if pooled is None else pooled[:1])]]
+    return positive, [[neg.context, dict(extra, pooled_output=neg.pooled)]]
+
+
 def sdxl_y(base_model, pooled: torch.Tensor, size: int) -> torch.Tensor:
     """SDXL's ``y`` (pooled text + original / crop / target size) for square ``size`` images, crop 0 -> [B, 2816]."""
     return base_model.encode_adm(pooled_output=pooled, width=size, height=size, crop_w=0, crop_h=0,

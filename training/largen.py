@@ -67,8 +67,8 @@ from ..nodes.largen import (SDXL_CONTEXT, SDXL_POOLED, RefineNetModel, RefinePat
                             encode_subject, encode_zero_image, largen_from_parts, load_refinenet,
                             refinenet_from_parts, subject_latent)
 from .common import (ImageFolder, Loop, MASK_SUFFIX, PromptEncoder, TrainOptions, autocast, checkpointed_blocks,
-                     load_on_device, make_scaler, optimizer_step, parse_config, require_epsilon, sampler_options,
-                     save_image, sdxl_y, unet_blocks)
+                     load_on_device, make_scaler, optimizer_step, parse_config, require_epsilon, sample_conds,
+                     sampler_options, save_image, sdxl_y, unet_blocks)
 
 log = logging.getLogger("consistent_inpaint.training.largen")
 
@@ -315,21 +315,16 @@ class LARGenTrainer:
         masked = pixels * (1 - hole) + 0.5 * hole            # as InpaintModelConditioning: hole grey
         raw, masked_raw = self.vae.encode(torch.cat([pixels, masked]).movedim(1, -1)).float().chunk(2)
         context, pooled = self.encode_text.batch(["" if d else p for (_, _, _, p), d in zip(items, drop_text.tolist())])
-        feats, lasts, tokens = [], [], []
-        for (_, _, square, _), d in zip(items, drop_image.tolist()):
-            pen, last = encode_subject(self.clip_vision, square)
-            feats.append(pen)
-            lasts.append(last)
-            tokens.append(self.zero_tokens if d else
-                          self.adapter.resampler(pen.to(self.device, self.adapter.dtype)).float().cpu())
+        squares = [s for _, _, s, _ in items]
+        pens, lasts = zip(*(encode_subject(self.clip_vision, s) for s in squares))    # sizes differ: one by one
+        tokens = self.adapter.resampler(torch.cat(pens).to(self.device, self.adapter.dtype)).float().cpu()
+        tokens[drop_image] = self.zero_tokens                  # the node's unconditional image where dropped
         b = dict(pixels=pixels, hole=hole, raw=raw, masked_raw=masked_raw, context=context, pooled=pooled,
-                 y=sdxl_y(self.base_model, pooled, self.resolution), tokens=torch.cat(tokens), drop_text=drop_text,
-                 drop_image=drop_image,
-                 squares=[s for _, _, s, _ in items])
+                 y=sdxl_y(self.base_model, pooled, self.resolution), tokens=tokens, drop_text=drop_text,
+                 drop_image=drop_image, squares=squares)
         if self.stage == 2:
             b["clip_last"] = torch.cat(lasts).float()
-            b["subject_latent"] = torch.cat([subject_latent(self.vae, self.latent_format, s, self.subject_resolution)
-                                             for _, _, s, _ in items]).cpu()
+            b["subject_latent"] = subject_latent(self.vae, self.latent_format, squares, self.subject_resolution).cpu()
         return b
 
     # -- the model with this batch's patches --
@@ -403,13 +398,11 @@ class LARGenTrainer:
     def sample(self, b, path: Path, steps: int) -> None:
         """The first item of ``b`` inpainted by the current model (euler, CFG, the known region blended back every
         step) beside its masked crop and its subject."""
-        b1 = {k: (v[:1] if isinstance(v, torch.Tensor) else v[:1]) for k, v in b.items()}
+        b1 = {k: v[:1] for k, v in b.items()}
         model = self.patched(b1, self.cfg.seed)
         r = self.resolution
-        neg, neg_pooled, _ = self.encode_text("")
-        common = dict(width=r, height=r, concat_latent_image=b1["masked_raw"], concat_mask=b1["hole"])
-        positive = [[b1["context"], dict(common, pooled_output=b1["pooled"])]]
-        negative = [[neg, dict(common, pooled_output=neg_pooled)]]
+        positive, negative = sample_conds(self.encode_text, b1["context"], b1["pooled"], r,
+                                          concat_latent_image=b1["masked_raw"], concat_mask=b1["hole"])
         noise = torch.randn(b1["raw"].shape, generator=torch.Generator().manual_seed(self.cfg.seed))
         out = comfy.sample.sample(model, noise, steps, self.cfg.sample_cfg, "euler", "normal", positive, negative,
                                   b1["raw"], noise_mask=b1["hole"], seed=self.cfg.seed, disable_pbar=True)

@@ -35,8 +35,8 @@ from ..nodes.branch import BranchPatch, InpaintBranch
 from ..nodes.branch_unet import ATTENTION_PROBE, GRADIENT_CHECKPOINT, BranchNet
 from ..nodes.common import wrap_patcher
 from .common import (ImageFolder, Loop, PromptEncoder, TrainOptions, autocast, evaluating, load_base, load_on_device,
-                     make_scaler, nearest, optimizer_step, parse_config, require_epsilon, sampler_options, save_image,
-                     sdxl_y)
+                     make_scaler, nearest, optimizer_step, parse_config, require_epsilon, sample_conds,
+                     sampler_options, save_image, sdxl_y)
 
 log = logging.getLogger("consistent_inpaint.training.painternet")
 
@@ -180,11 +180,8 @@ class PainterNetTrainer:
         with evaluating(self.net):
             pixels, hole = b["pixels"][:1], b["hole"][:1]
             self.patch.cond = self.branch_cond(self.encode_image(pixels * (1 - hole)), hole)
-            neg, neg_pooled, _ = self.encode_text("")
-            extra = {} if self.base != "sdxl" else dict(width=self.cfg.resolution, height=self.cfg.resolution)
-            positive = [[b["context"][:1], dict(extra, pooled_output=None if b["pooled"] is None
-                                                else b["pooled"][:1])]]
-            negative = [[neg, dict(extra, pooled_output=neg_pooled)]]
+            positive, negative = sample_conds(self.encode_text, b["context"], b["pooled"],
+                                              self.cfg.resolution if self.base == "sdxl" else None)
             r = self.cfg.resolution // 8
             latent = torch.zeros(1, 4, r, r)
             noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(self.cfg.seed))

@@ -94,7 +94,7 @@ from ..nodes.patch_adapter import DualContextPatch, PatchAdapter, PatchAdapterNe
 from ..nodes.patch_refine import _reference_tokens_latent
 from .common import (ImageFolder, Loop, PromptEncoder, TrainOptions, autocast, checkpointed_blocks, evaluating,
                      load_base, load_on_device, make_scaler, optimizer_step, parse_config, require_epsilon,
-                     sampler_options, save_image, sdxl_y, unet_blocks)
+                     sample_conds, sampler_options, save_image, sdxl_y, unet_blocks)
 
 log = logging.getLogger("consistent_inpaint.training.patch_adapter")
 
@@ -339,9 +339,6 @@ class PatchAdapterTrainer:
     def unet_size(self) -> int:
         return self.cfg.resolution if self.stage == "dca" else self.cfg.patch_size
 
-    def data(self) -> ImageFolder:
-        return self.dataset
-
     def y_for(self, pooled):
         return sdxl_y(self.model.model, pooled, self.unet_size) if self.base == "sdxl" else None
 
@@ -444,12 +441,9 @@ class PatchAdapterTrainer:
         save_file({k: v.float().contiguous() for k, v in sd.items()}, str(path), metadata=meta)
         return path
 
-    def _conds(self, b):
-        size = self.unet_size
-        extra = {} if self.base != "sdxl" else dict(width=size, height=size)
-        neg, neg_pooled, _ = self.encode_text("")
-        positive = [[b["context"][:1], dict(extra, pooled_output=None if b["pooled"] is None else b["pooled"][:1])]]
-        return positive, [[neg, dict(extra, pooled_output=neg_pooled)]]
+    def _conds(self, b, **extra):
+        return sample_conds(self.encode_text, b["context"], b["pooled"],
+                            self.unet_size if self.base == "sdxl" else None, **extra)
 
     @torch.no_grad()
     def sample(self, b, path: Path, steps: int) -> None:
@@ -461,9 +455,7 @@ class PatchAdapterTrainer:
         pixels, hole = b["pixels"][:1], b["hole"][:1]
         grey = (pixels - 0.5) * (1 - hole.round()) + 0.5
         raw, raw_masked = self.vae_encode(torch.cat([pixels, grey])).chunk(2)
-        positive, negative = self._conds(b)
-        for c in (positive, negative):
-            c[0][1].update(concat_latent_image=raw_masked, concat_mask=hole)
+        positive, negative = self._conds(b, concat_latent_image=raw_masked, concat_mask=hole)
         noise = torch.randn(raw.shape, generator=torch.Generator().manual_seed(self.cfg.seed))
         self.patch.hole = hole
 
@@ -514,7 +506,7 @@ class PatchAdapterTrainer:
     def run(self) -> Path:
         cfg = self.cfg
         self._check_output(Path(cfg.output))
-        data = self.data()
+        data = self.dataset
         fixed = self.batch(data, [0], torch.Generator().manual_seed(cfg.seed + 2))   # the same after a resume
 
         def step(_):

@@ -44,7 +44,7 @@ def _trainer(comfy, loaded, data_dir, out, **kw):
     mod = _pack(comfy, "training.patch_adapter")
     cfg = mod.PatchAdapterConfig(base="(preloaded)", data=str(data_dir), output=str(out), **kw)
     trainer = mod.PatchAdapterTrainer(cfg, *loaded)
-    return trainer, trainer.data()
+    return trainer, trainer.dataset
 
 
 def _unet_params(trainer):
@@ -146,7 +146,7 @@ def test_mixed_precision_steps(comfy, loaded, data_dir, tmp_path, stage):
     gives finite float32 updates."""
     losses = mixed_precision_losses(
         lambda mp: _trainer(comfy, loaded, data_dir, tmp_path / mp, mixed_precision=mp, **stage)[0],
-        lambda trainer: trainer.batch(trainer.data(), [0], torch.Generator().manual_seed(3)),
+        lambda trainer: trainer.batch(trainer.dataset, [0], torch.Generator().manual_seed(3)),
         lambda trainer: trainer.module.named_parameters())
     for mp in ("bf16", "fp16"):
         torch.testing.assert_close(losses[mp], losses["no"], rtol=5e-2, atol=0)
