@@ -43,8 +43,8 @@ def import_pack():
     """ComfyUI on the path (its own argument parsing off), then the pack imported as a package."""
     sys.path.insert(0, str(_comfyui_path()))
     shims = os.environ.get("CONSISTENT_INPAINT_COMFY_SHIMS")     # test machines without torchvision
-    if shims:
-        sys.path.insert(0, shims)
+    if shims and shims != "none":
+        sys.path.append(shims)                                   # appended: a real package always wins
     import comfy.options
     comfy.options.enable_args_parsing(False)
     import torch

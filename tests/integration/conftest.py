@@ -9,13 +9,12 @@ How ComfyUI is found
 
 Environment variables
     COMFYUI_PATH                      ComfyUI checkout to test against.
-    CONSISTENT_INPAINT_COMFY_SHIMS    Optional directory appended to ``sys.path`` before ComfyUI
-                                      is imported. Meant for machines where ComfyUI's own start-up
-                                      imports (torchvision/torchaudio) cannot be satisfied, e.g. a
-                                      CPU box with no matching torchvision build: point it at a
-                                      directory of import-only stand-ins. Appended (not prepended),
-                                      so a real, importable package always wins. The pack itself
-                                      never needs it.
+    CONSISTENT_INPAINT_COMFY_SHIMS    Directory appended to ``sys.path`` before ComfyUI is imported
+                                      (default: ``tests/integration/shims``, import-only stand-ins of
+                                      torchvision and torchaudio, which ComfyUI imports at start-up
+                                      and no CPU build of which matches every torch). Appended, not
+                                      prepended, so a real, importable package always wins. ``none``
+                                      appends nothing. The pack itself never needs it.
     CONSISTENT_INPAINT_TEST_CACHE     Where generated random-weight model files are cached
                                       (default: ``<tempdir>/consistent_inpaint_test_cache``).
                                       Files are written once and reused across runs.
@@ -76,6 +75,13 @@ REPO_ROOT = _logical_repo_root()
 ENV_COMFY = "COMFYUI_PATH"
 ENV_SHIMS = "CONSISTENT_INPAINT_COMFY_SHIMS"
 ENV_CACHE = "CONSISTENT_INPAINT_TEST_CACHE"
+DEFAULT_SHIMS = Path(__file__).resolve().parent / "shims"
+
+
+def shims_dir() -> str | None:
+    """The folder of import-only stand-ins appended to ``sys.path`` (None: ``none`` was asked for)."""
+    value = os.environ.get(ENV_SHIMS) or str(DEFAULT_SHIMS)
+    return None if value == "none" else value
 
 # Node ids the harness registers for tests (never part of the pack).
 HARNESS_NODE_PREFIX = "CITest"
@@ -110,9 +116,9 @@ COMFY_PATH, COMFY_SKIP_REASON = find_comfyui()
 def pytest_report_header(config):
     if COMFY_PATH is None:
         return f"consistent-inpaint integration: SKIPPED - {COMFY_SKIP_REASON}"
-    shims = os.environ.get(ENV_SHIMS)
+    shims = shims_dir()
     return (f"consistent-inpaint integration: ComfyUI at {COMFY_PATH}"
-            + (f" (shims: {shims})" if shims else ""))
+            + (f" (stand-ins appended to sys.path: {shims})" if shims else ""))
 
 
 # --------------------------------------------------------------------------------------
@@ -252,7 +258,7 @@ class ComfySession:
     # -- start-up ---------------------------------------------------------------------
 
     def _import_comfyui(self):
-        shims = os.environ.get(ENV_SHIMS)
+        shims = shims_dir()
         if shims and shims not in sys.path:
             sys.path.append(shims)
         p = str(self.path)

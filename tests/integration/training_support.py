@@ -57,6 +57,8 @@ def fit(trainer, b, steps: int) -> tuple[float, float]:
 def run_train_py(comfy, method: str, *args: str, script: Path = ROOT / "train.py", env: dict | None = None):
     """``python train.py <method> <args>`` in a subprocess with ComfyUI's path; fails the test on a non-zero exit."""
     full_env = dict(os.environ, COMFYUI_PATH=str(comfy.path), **(env or {}))
+    # train.py imports ComfyUI, which imports torchvision at start-up: the harness's stand-ins (conftest.shims_dir)
+    full_env.setdefault("CONSISTENT_INPAINT_COMFY_SHIMS", str(Path(__file__).resolve().parent / "shims"))
     r = subprocess.run([sys.executable, str(script), method, *args], env=full_env, capture_output=True, text=True,
                        timeout=600, cwd=str(ROOT))
     assert r.returncode == 0, r.stderr[-3000:]
