@@ -4,7 +4,11 @@
 
 Methods: painternet, asuka_mae, asuka_alignment, asuka_decoder, largen, patch_adapter.
 
-``python train.py <method> --help`` lists every option. The methods read their models through ComfyUI (its
+The same command runs under Hugging Face accelerate's launcher on several processes, GPUs and machines:
+
+    accelerate launch --multi_gpu --num_processes 4 train.py painternet --config painternet.toml
+
+``python train.py --help`` lists the methods and every option of each; ``python train.py <method> --help`` one. The methods read their models through ComfyUI (its
 model loading and the pack's own nodes), so ComfyUI must be importable: ``COMFYUI_PATH`` names its folder
 (not needed when the pack sits in ``ComfyUI/custom_nodes/``).
 """
@@ -58,11 +62,53 @@ def import_pack():
     return sys.modules[PACKAGE]
 
 
+SUMMARIES = {
+    "painternet": "a PainterNet branch for an SD1.5 / SDXL base (Load Inpaint Branch)",
+    "asuka_mae": "ASUKA's MAE prior fine-tuned on inpainting masks (Load ASUKA Prior, mae)",
+    "asuka_alignment": "ASUKA's alignment module for an SD-inpainting UNet (Load ASUKA Prior, alignment)",
+    "asuka_decoder": "ASUKA's harmonizing decoder for an SD VAE (Load Harmonizing Decoder)",
+    "largen": "LAR-Gen stage 1 (main UNet + subject projections) or stage 2 (RefineNet)",
+    "patch_adapter": "Patch-Adapter's Dual Context Adapter (dca) or Reference Patch Adapter (rpa)",
+}
+CONFIGS = {"painternet": "PainterNetConfig", "asuka_mae": "MAETrainConfig", "asuka_alignment": "AlignmentTrainConfig",
+           "asuka_decoder": "DecoderTrainConfig", "largen": "LARGenConfig", "patch_adapter": "PatchAdapterConfig"}
+USAGE = "usage: python train.py {%s} [--config FILE.toml] [--option value ...]" % ",".join(METHODS)
+
+
+def print_help() -> None:
+    """The methods, then every method's options (help text and defaults)."""
+    print(USAGE)
+    print("\nTrain the networks the pack has no public weights for. Methods:")
+    for name, text in SUMMARIES.items():
+        print(f"  {name:16s} {text}")
+    print("\nSingle process: python train.py <method> ...; several: accelerate launch --multi_gpu --num_processes N "
+          "train.py <method> ...\n(README, section Train). A flag overrides the same key of the --config file.")
+    try:
+        pack = import_pack()
+    except SystemExit as e:
+        print(f"\n(each method's options are listed once ComfyUI is importable: {e})")
+        return
+    common = importlib.import_module(f"{pack.__name__}.training.common")
+    for name, target in METHODS.items():
+        module = importlib.import_module(f"{pack.__name__}.{target.partition(':')[0]}")
+        print("\n" + "=" * 100 + f"\n{name}\n" + "=" * 100)
+        common.config_parser(getattr(module, CONFIGS[name]), f"train.py {name}").print_help()
+
+
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print_help()
+        return
     if not argv or argv[0] not in METHODS:
-        raise SystemExit(f"usage: python train.py {{{','.join(METHODS)}}} --config FILE.toml [--option value ...]")
+        raise SystemExit(USAGE + "\n(python train.py --help lists the methods and their options)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if "-h" not in argv and "--help" not in argv:
+        # the engine's process state first: under a launcher each process takes its own GPU before ComfyUI (which
+        # reads the current device) is imported
+        import torch
+        from accelerate import PartialState
+        PartialState(cpu=not torch.cuda.is_available())
     import_pack()
     module, _, function = METHODS[argv[0]].partition(":")
     getattr(importlib.import_module(f"{PACKAGE}.{module}"), function or "main")(argv[1:])

@@ -46,8 +46,9 @@ import comfy.sd
 
 from ..models import asuka, asuka_alignment, harmonizing_decoder, masks
 from ..models.imaging import color_jitter
-from .common import (ImageFolder, Loop, MASK_SUFFIX, TrainOptions, _square, autocast, checkpointed, cosine_lr,
-                     load_base, load_on_device, make_scaler, parse_config, require_epsilon, save_image)
+from .common import (Engine, ImageFolder, Loop, MASK_SUFFIX, TrainOptions, _square, checkpointed, cosine_lr, load_base,
+                     load_on_device, parse_config, require_epsilon, save_image, validation_losses, write_atomic)
+from .data import first_items, make_stream
 
 log = logging.getLogger("consistent_inpaint.training.asuka")
 
@@ -57,9 +58,9 @@ class MaskedImages:
     """Images of a folder with ASUKA basis masks; the folder's ``name.mask.png`` files are the object shapes."""
 
     def __init__(self, folder: str, size: int, settings: masks.AsukaMaskSettings = masks.AsukaMaskSettings()):
-        self.images = ImageFolder(folder, size)
+        self.images = ImageFolder(folder, size) if folder else None          # "" with shards
         self.size, self.settings = size, settings
-        self.shapes = [p.with_name(p.stem + MASK_SUFFIX) for p in self.images.items
+        self.shapes = [p.with_name(p.stem + MASK_SUFFIX) for p in (self.images.items if self.images else [])
                        if p.with_name(p.stem + MASK_SUFFIX).exists()]
 
     def shape(self, g: torch.Generator) -> torch.Tensor | None:
@@ -78,6 +79,13 @@ class MaskedImages:
     def draw(self, batch_size: int, g: torch.Generator) -> list[int]:
         return torch.randint(0, len(self.images), (batch_size,), generator=g).tolist()
 
+    def batch_items(self, items, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stream items -> (pixels, holes); an item's own mask is its object shape, else one of the folder's."""
+        pixels = torch.stack([it.pixels for it in items])
+        holes = [masks.asuka_mask(self.size, self.size, g, it.mask if it.mask is not None and it.mask.max() > 0.5
+                                  else self.shape(g), self.settings)[0] for it in items]
+        return pixels, torch.stack(holes)[:, None]
+
 
 class _Trainer:
     """What the three trainers share: seeds, the fixed sample batch, fp16 loss scaling and the loop."""
@@ -88,49 +96,49 @@ class _Trainer:
     def setup(self, cfg, data: MaskedImages, module: torch.nn.Module, lr: float, weight_decay: float, through=()):
         """``through``: the frozen MODELs the gradient passes back through (their dtype may call for loss scaling)."""
         self.cfg, self.data, self.module = cfg, data, module
-        self.device = self.device if hasattr(self, "device") else mm.get_torch_device()
         self.base_lr = lr
         self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
                                            weight_decay=weight_decay)
-        self.scaler = make_scaler(self.device, cfg.mixed_precision, *through)
+        self.engine.prepare(module, self.optimizer, self.losses_for, lambda step: self.lr_at(step) / self.base_lr)
         self.mask_rng = torch.Generator().manual_seed(cfg.seed)
-        self.data_rng = torch.Generator().manual_seed(cfg.seed + 1)
         self.aug_rng = torch.Generator().manual_seed(cfg.seed + 3)
         torch.manual_seed(cfg.seed)
-        self.fixed = data.batch([0], torch.Generator().manual_seed(cfg.seed + 2))     # the same after a resume
+        fixed = first_items(cfg, cfg.data, data.size, cfg.validation_size)       # the same after a resume
+        self.fixed = data.batch_items(fixed[:1], torch.Generator().manual_seed(cfg.seed + 2))
+        self.validation = data.batch_items(fixed, torch.Generator().manual_seed(cfg.seed + 4))
+
+    def make_engine(self, cfg, device=None):
+        """The engine of this run (-> the device to train on: the engine's, unless one is given)."""
+        if not cfg.data and not cfg.shards:
+            raise SystemExit("missing required option(s): data (a folder) or shards (flags or the --config file)")
+        self.engine = Engine(cfg, cfg.batch_size, cfg.output)
+        return device or self.engine.device
 
     def lr_at(self, step: int) -> float:
         return self.base_lr
 
-    def train_step(self, batch, step: int = 0) -> dict:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(step)
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device, self.cfg.mixed_precision):
-            parts = self.losses_for(batch, step)
-        self.scaler.scale(parts["loss"]).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in parts.items()}
+    def train_step(self, batch, step: int = 0) -> dict | None:
+        """One micro-batch through the engine (its autocast, loss scaling, accumulation; the schedule follows
+        optimiser steps) -> the losses once an optimiser step is complete."""
+        return self.engine.step(batch, step)
 
     def save(self) -> Path:
         path = Path(self.cfg.output) / self.output_name
         sd = {k: v.detach().float().cpu().contiguous() for k, v in self.module.state_dict().items()}
-        save_file(sd, str(path), metadata={"format": f"consistent_inpaint.{self.name}", "version": "1"})
-        return path
+        meta = {"format": f"consistent_inpaint.{self.name}", "version": "1"}
+        return write_atomic(path, lambda tmp: save_file(sd, str(tmp), metadata=meta))
 
     def run(self) -> Path:
-        cfg = self.cfg
-
-        def step_fn(step):
-            indices = self.data.draw(cfg.batch_size, self.data_rng)
-            return self.train_step(self.data.batch(indices, self.mask_rng), step)
-
-        return Loop(name=self.name, output=cfg.output, steps=cfg.steps, module=self.module, optimizer=self.optimizer,
-                    generators={"mask": self.mask_rng, "data": self.data_rng, "augment": self.aug_rng},
-                    loss_names=list(self.losses), step_fn=step_fn, save_fn=self.save, sample_fn=self.sample,
-                    scaler=self.scaler, log_every=cfg.log_every, save_every=cfg.save_every,
-                    sample_every=cfg.sample_every).run()
+        cfg, engine = self.cfg, self.engine
+        stream = make_stream(cfg, cfg.data, self.data.size, engine)
+        return Loop(name=self.name, output=cfg.output, steps=cfg.steps, engine=engine, stream=stream,
+                    make_batch=lambda items: self.data.batch_items(items, self.mask_rng),
+                    generators={"mask": self.mask_rng, "augment": self.aug_rng}, loss_names=list(self.losses),
+                    save_fn=self.save, sample_fn=self.sample,
+                    validate_fn=lambda: validation_losses(lambda b: self.losses_for(b, cfg.steps), self.validation,
+                                                          cfg.seed),
+                    log_every=cfg.log_every, save_every=cfg.save_every, sample_every=cfg.sample_every,
+                    validate_every=cfg.validate_every).run()
 
 
 def _load_checkpoint(path: str, model=None, clip=None, vae=None):
@@ -214,8 +222,8 @@ class MAETrainer(_Trainer):
     losses = ("loss",)
 
     def __init__(self, cfg: MAETrainConfig, device=None):
-        _require(cfg, ("mae", "data", "output"))
-        self.device = device or mm.get_torch_device()
+        _require(cfg, ("mae", "output"))
+        self.device = self.make_engine(cfg, device)
         mae = asuka.load_mae(cfg.mae, torch.float32).to(self.device)
         fixed = {"pos_embed", "decoder_pos_embed"}
         for name, p in mae.named_parameters():
@@ -280,12 +288,12 @@ class AlignmentTrainer(_Trainer):
     losses = ("loss", "substitution")
 
     def __init__(self, cfg: AlignmentTrainConfig, model=None, clip=None, vae=None, device=None):
-        _require(cfg, ("base", "mae", "data", "output"))
+        _require(cfg, ("base", "mae", "output"))
         if cfg.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8; got {cfg.resolution}")
         model, _, vae = _load_checkpoint(cfg.base, model, clip, vae)
         _inpaint_unet(model, "ASUKA alignment training")
-        self.device = device or mm.get_torch_device()
+        self.device = self.make_engine(cfg, device)
         self.unet = _InpaintUNet(model, vae, self.device)
         self.mae = asuka.load_mae(cfg.mae, torch.float32).to(self.device).eval().requires_grad_(False)
         width = model.model.model_config.unet_config["context_dim"]
@@ -369,7 +377,7 @@ class DecoderTrainer(_Trainer):
     losses = ("loss", "augmented")
 
     def __init__(self, cfg: DecoderTrainConfig, model=None, clip=None, vae=None, device=None):
-        _require(cfg, ("base", "data", "output"))
+        _require(cfg, ("base", "output"))
         if cfg.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8; got {cfg.resolution}")
         if not 0 <= cfg.latent_augmentation <= 1:
@@ -378,7 +386,7 @@ class DecoderTrainer(_Trainer):
             raise ValueError(f"need 0 <= latent_t_min < latent_t_max <= 1000; got {cfg.latent_t_min}, "
                              f"{cfg.latent_t_max}")
         model, clip, vae = _load_checkpoint(cfg.base, model, clip, vae)
-        self.device = device or mm.get_torch_device()
+        self.device = self.make_engine(cfg, device)
         self.unet = None
         if cfg.latent_augmentation > 0:
             if model is None or clip is None:
@@ -459,12 +467,17 @@ def _require(cfg, names) -> None:
 
 
 def main_mae(argv=None):
-    print(f"wrote {MAETrainer(parse_config(MAETrainConfig, argv, 'train.py asuka_mae')).run()}")
+    _wrote(MAETrainer(parse_config(MAETrainConfig, argv, 'train.py asuka_mae')).run())
 
 
 def main_alignment(argv=None):
-    print(f"wrote {AlignmentTrainer(parse_config(AlignmentTrainConfig, argv, 'train.py asuka_alignment')).run()}")
+    _wrote(AlignmentTrainer(parse_config(AlignmentTrainConfig, argv, 'train.py asuka_alignment')).run())
 
 
 def main_decoder(argv=None):
-    print(f"wrote {DecoderTrainer(parse_config(DecoderTrainConfig, argv, 'train.py asuka_decoder')).run()}")
+    _wrote(DecoderTrainer(parse_config(DecoderTrainConfig, argv, 'train.py asuka_decoder')).run())
+
+
+def _wrote(path) -> None:
+    if path is not None:                    # the main process wrote it
+        print(f"wrote {path}")

@@ -1,16 +1,18 @@
-"""What every trainer shares: configuration (a TOML file and/or flags), the image folder, resumable state, the
-progress bar and loss log, and mixed precision. Needs ComfyUI importable (``train.py`` arranges it)."""
+"""What every trainer shares: configuration (a TOML file and/or flags, with help taken from the option comments),
+the options of the engine and the data stream, prompts, sample images and the pieces that run the frozen base.
+Needs ComfyUI importable for the model helpers (``train.py`` arranges it); the engine is in ``training/engine.py``,
+the data streams in ``training/data.py``."""
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
+import inspect
 import logging
 import math
-import os
+import re
 import tomllib
 from collections import OrderedDict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,32 +21,68 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from PIL import Image
-from tqdm import tqdm
+
+from .data import IMAGE_SUFFIXES, MASK_SUFFIX, PROMPT_SUFFIX, ImageFolder, Item, square  # noqa: F401 (re-exported)
+from .engine import FILE_MODE, Engine, Loop, write_atomic  # noqa: F401 (re-exported)
 
 log = logging.getLogger("consistent_inpaint.training")
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-MASK_SUFFIX = ".mask.png"          # beside ``name.png``: ``name.mask.png``, white = the object / region
-PROMPT_SUFFIX = ".txt"             # beside ``name.png``: ``name.txt``, the local prompt
+_square = square                   # the name the ASUKA trainer reads
 
 
 # -- configuration ---------------------------------------------------------------------------------------------
+def option_help(cls) -> dict:
+    """{field: help} from the comments after each field in the class bodies of ``cls`` and its bases (the comment
+    beside an option is its documentation, in the file and in ``--help`` alike)."""
+    out = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        last = None
+        for line in lines:
+            m = re.match(r"\s{4}(\w+)\s*:\s*[^=#]+(?:=[^#]*)?(?:#\s*(.*))?$", line)
+            if m and not line.lstrip().startswith(("def ", "#")):
+                last = m.group(1)
+                if m.group(2):
+                    out[last] = m.group(2).strip()
+            elif last and re.match(r"\s+#\s*(.*)$", line) and last in out:
+                out[last] += " " + re.match(r"\s+#\s*(.*)$", line).group(1).strip()
+            else:
+                last = None
+    return out
+
+
+def config_parser(cls, prog: str = "train.py") -> argparse.ArgumentParser:
+    """The argparse parser of a config dataclass: ``--config`` and one ``--field`` per option, with its help and
+    default."""
+    helps = option_help(cls)
+    ap = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip())
+    ap.add_argument("--config", help="TOML file whose keys are the options below (a flag overrides the same key)")
+    for f in dataclasses.fields(cls):
+        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}.get(
+            str(f.type), str)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        text = helps.get(f.name, "").replace("%", "%%") + (" (required)" if required else "")
+        default = None if required else f.default
+        kw = dict(help=text or " ", metavar=kind.__name__.upper())
+        if kind is bool:
+            kw.update(type=lambda s: s.lower() in ("1", "true", "yes", "on"), metavar="BOOL")
+        else:
+            kw.update(type=kind)
+        ap.add_argument(f"--{f.name}", default=argparse.SUPPRESS, **kw)
+        if default is not None and not required:
+            ap._option_string_actions[f"--{f.name}"].help += f" (default: {default!r})"
+    return ap
+
+
 def parse_config(cls, argv: list[str] | None = None, prog: str = "train.py"):
     """A ``cls`` dataclass from ``--config file.toml`` (keys = field names) overridden by ``--field value`` flags.
     Unknown keys in the file are errors (a typo must not silently train with a default)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    ap = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
-    ap.add_argument("--config", help="TOML file whose keys are the options below")
-    for name, f in fields.items():
-        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}.get(
-            str(f.type), str)
-        if kind is bool:
-            ap.add_argument(f"--{name}", type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=None)
-        else:
-            ap.add_argument(f"--{name}", type=kind, default=None)
-    a = ap.parse_args(argv)
+    a = config_parser(cls, prog).parse_args(argv)
     values = {}
-    if a.config:
+    if getattr(a, "config", None):
         with open(a.config, "rb") as fh:
             values = tomllib.load(fh)
         unknown = sorted(set(values) - set(fields))
@@ -61,12 +99,24 @@ def parse_config(cls, argv: list[str] | None = None, prog: str = "train.py"):
 @dataclasses.dataclass(kw_only=True)
 class TrainOptions:
     """The options every training method has (keyword-only, so a method's own required options may come first)."""
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 500
-    sample_every: int = 500        # 0: no sample images
-    mixed_precision: str = "no"    # no | fp16 | bf16 (forward under autocast, trained weights float32)
+    seed: int = 0                  # the run's seed (samples, masks, noise and initial weights follow it)
+    log_every: int = 10            # optimiser steps between rows of loss.csv / tracker points
+    save_every: int = 500          # optimiser steps between saves of the weight file and state.pt
+    sample_every: int = 500        # optimiser steps between sample images (0: none)
+    validate_every: int = 0        # optimiser steps between validation losses on the fixed validation set (0: none)
+    validation_size: int = 4       # images in the fixed validation set (the stream's first ones)
+    mixed_precision: str = "no"    # no | fp16 | bf16: the engine's autocast (fp16 with loss scaling; on GPUs),
+    #                                trained weights stay float32
     gradient_checkpointing: bool = False   # recompute activations in backward (what: see each method)
+    gradient_accumulation: int = 1  # micro-batches per optimiser step; batch_size = per device × this × processes
+    max_grad_norm: float = 0.0     # clip the gradient norm to this (0: no clipping)
+    ema_decay: float = 0.0         # keep an EMA of the trained weights with this decay (0: none); the written file
+    #                                and the samples then hold the EMA weights
+    shards: str = ""               # WebDataset tar shards instead of the data folder: brace ranges / globs, commas
+    #                                between (e.g. /data/brushdata/{00000..00099}.tar)
+    shuffle_buffer: int = 64       # shards: samples shuffled within windows of this many (seeded)
+    workers: int = 0               # shards: data-loader worker processes per training process
+    tracker: str = "tensorboard"   # tensorboard | none: the engine's tracker (logs in output/logs)
 
     def __post_init__(self):
         if self.log_every < 1 or self.save_every < 1 or self.sample_every < 0:
@@ -74,112 +124,22 @@ class TrainOptions:
                              f"{self.log_every}, {self.save_every}, {self.sample_every}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16; got {self.mixed_precision!r}")
+        if self.gradient_accumulation < 1 or self.validate_every < 0 or self.validation_size < 1:
+            raise ValueError(f"gradient_accumulation and validation_size must be >= 1 and validate_every >= 0; got "
+                             f"{self.gradient_accumulation}, {self.validation_size}, {self.validate_every}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
+        if self.tracker not in ("tensorboard", "none"):
+            raise ValueError(f"tracker must be tensorboard or none; got {self.tracker!r}")
 
 
-# -- data ------------------------------------------------------------------------------------------------------
-def _square(img: Image.Image, size: int, resample) -> Image.Image:
-    """Shorter side to ``size``, then the centre ``size`` x ``size``."""
-    w, h = img.size
-    s = size / min(w, h)
-    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), resample)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-class ImageFolder:
-    """``folder/name.{png,jpg,jpeg,webp}`` with optional ``name.mask.png`` (segmentation / region mask, white =
-    object) and ``name.txt`` (local prompt). Items: (image [3, S, S] in [0, 1], mask [S, S] or None, prompt)."""
-
-    def __init__(self, folder: str, size: int):
-        root = Path(folder)
-        if not root.is_dir():
-            raise FileNotFoundError(f"training data folder {folder} does not exist")
-        self.size = size
-        self.items = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-                            and not p.name.lower().endswith(MASK_SUFFIX))
-        if not self.items:
-            raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        path = self.items[i]
-        image = _square(Image.open(path).convert("RGB"), self.size, Image.BICUBIC)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mask_path = path.with_name(path.stem + MASK_SUFFIX)
-        mask = None
-        if mask_path.exists():
-            m = _square(Image.open(mask_path).convert("L"), self.size, Image.NEAREST)
-            mask = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)
-        text = path.with_suffix(PROMPT_SUFFIX)
-        prompt = text.read_text(encoding="utf-8").strip() if text.exists() else ""
-        return pixels, mask, prompt
-
-
-# -- run state -------------------------------------------------------------------------------------------------
-def save_state(path: Path, step: int, trainable: dict, optimizer, generators: dict, scaler=None) -> None:
-    """Everything needed to resume (weights, optimiser, loss scaler, the CPU and CUDA generators and the run's own),
-    in a file ``torch.load(weights_only=True)`` reads; written atomically."""
-    state = {"step": step, "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
-             "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-             "generators": {k: g.get_state() for k, g in generators.items()}}
-    if torch.cuda.is_available():          # the noise drawn on the GPU must not replay after a resume
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    if scaler is not None and scaler.is_enabled():
-        state["scaler"] = scaler.state_dict()
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_state(path: Path, module, optimizer, generators: dict, scaler=None) -> int:
-    """Restores a :func:`save_state` file; -> the step to continue from."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        module.load_state_dict(state["trainable"])
-    except RuntimeError as e:
-        raise ValueError(f"{path} does not match this run's trainable weights (another base model or method?): "
-                         f"{str(e)[:500]}") from None
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    for k, g in generators.items():
-        g.set_state(state["generators"][k])
-    if "cuda_rng" in state and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    if scaler is not None and scaler.is_enabled() and "scaler" in state:
-        scaler.load_state_dict(state["scaler"])
-    return int(state["step"])
-
-
-class LossLog:
-    """A CSV of (step, losses...) in the output folder. A resumed run keeps the rows up to the step it resumes from
-    (``resumed``) and drops any logged after that state was saved, so every step appears once; a fresh run starts
-    the file anew."""
-
-    def __init__(self, path: Path, names: list[str], resumed: int = 0):
-        self.path, self.names = path, names
-        rows = []
-        if resumed and path.exists():
-            with open(path, newline="") as fh:
-                rows = [r for r in list(csv.reader(fh))[1:] if r and int(r[0]) <= resumed]
-        with open(path, "w", newline="") as fh:
-            csv.writer(fh).writerows([["step", *names], *rows])
-
-    def write(self, step: int, values: dict) -> None:
-        with open(self.path, "a", newline="") as fh:
-            csv.writer(fh).writerow([step, *(f"{values[n]:.6g}" for n in self.names)])
-
-
-def autocast(device: torch.device, mixed_precision: str):
-    """``no`` / ``fp16`` / ``bf16`` -> the autocast context for the forward pass."""
-    if mixed_precision == "no":
-        return nullcontext()
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision)
-    if dtype is None:
-        raise ValueError(f"mixed_precision must be no, fp16 or bf16; got {mixed_precision!r}")
-    return torch.autocast(device.type, dtype=dtype)
+def validation_losses(losses_fn, batch, seed: int) -> dict:
+    """The loss of the fixed validation ``batch`` at fixed timesteps and noise (the global generators seeded with
+    ``seed`` inside, the run's own random state untouched)."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        parts = losses_fn(batch)
+    return {k: float(v) for k, v in parts.items()}
 
 
 def save_image(path: Path, images: list[torch.Tensor]) -> None:
@@ -258,13 +218,6 @@ def compute_dtype(model) -> torch.dtype:
     return model.model.manual_cast_dtype or model.model.get_dtype()
 
 
-def make_scaler(device: torch.device, mixed_precision: str, *models) -> torch.amp.GradScaler:
-    """The loss scaler: on for fp16 autocast, and whenever a model the gradient passes through computes in float16
-    (a MODEL handed in already loaded for inference)."""
-    half = any(compute_dtype(m) == torch.float16 for m in models)
-    return torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16" or half)
-
-
 def load_on_device(*patchers) -> None:
     """The patchers on the device, whole: never partially (low-VRAM) loaded, since the optimiser's state and the
     gradients of what trains live on the device."""
@@ -294,15 +247,6 @@ def sampler_options(patcher, sigma: torch.Tensor) -> dict:
     wrappers (the nodes' networks run inside those), every row a "cond" row."""
     return dict(patcher.model_options["transformer_options"], cond_or_uncond=[0], sigmas=sigma,
                 wrappers=patcher.wrappers)
-
-
-def optimizer_step(optimizer, scaler, parts: dict) -> dict:
-    """One optimiser step on ``parts["loss"]`` (loss scaling for fp16) -> the parts as floats."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(parts["loss"]).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in parts.items()}
 
 
 @contextmanager
@@ -359,55 +303,3 @@ def checkpointed(fn, *args):
     if torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
-
-
-@dataclasses.dataclass
-class Loop:
-    """The loop every trainer shares: resume from ``state.pt``, draw a batch, one optimiser step, log, sample, save.
-
-    ``step_fn(step) -> {name: float}`` does one optimiser step (``step`` counts from 0) and returns the losses named in
-    ``loss_names`` (the first is the total, checked to be finite); ``sample_fn(path)`` writes a sample image;
-    ``save_fn()`` writes the output file and returns its path."""
-    name: str
-    output: str
-    steps: int
-    module: torch.nn.Module              # what state.pt keeps (the trainable network)
-    optimizer: torch.optim.Optimizer
-    generators: dict
-    loss_names: list
-    step_fn: object
-    save_fn: object
-    sample_fn: object = None
-    scaler: object = None                # the fp16 loss scaler (its scale is part of the state)
-    log_every: int = 10
-    save_every: int = 500
-    sample_every: int = 0
-
-    def run(self) -> Path:
-        out = Path(self.output)
-        (out / "samples").mkdir(parents=True, exist_ok=True)
-        state = out / "state.pt"
-        step = load_state(state, self.module, self.optimizer, self.generators, self.scaler) if state.exists() else 0
-        if step:
-            log.info("resuming %s at step %d", out, step)
-        losses = LossLog(out / "loss.csv", self.loss_names, step)
-        bar = tqdm(total=self.steps, initial=step, desc=self.name, unit="step")
-        path = None
-        while step < self.steps:
-            parts = self.step_fn(step)
-            total = parts[self.loss_names[0]]
-            if not math.isfinite(total):
-                raise FloatingPointError(f"the loss became {total} at step {step + 1}")
-            step += 1
-            bar.update(1)
-            bar.set_postfix({k: f"{parts[k]:.4g}" for k in self.loss_names[:2]})
-            if step % self.log_every == 0 or step == self.steps:
-                losses.write(step, parts)
-            if self.sample_fn is not None and self.sample_every and (step % self.sample_every == 0
-                                                                     or step == self.steps):
-                self.sample_fn(out / "samples" / f"step_{step:07d}.png")
-            if step % self.save_every == 0 or step == self.steps:
-                path = self.save_fn()
-                save_state(state, step, self.module.state_dict(), self.optimizer, self.generators, self.scaler)
-        bar.close()
-        return path if path is not None else self.save_fn()

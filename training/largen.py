@@ -63,12 +63,13 @@ import comfy.utils
 from ..models import largen, zoom
 from ..models.weights import load_weights, tensor_dict
 from ..nodes.common import wrap_patcher
-from ..nodes.largen import (SDXL_CONTEXT, SDXL_POOLED, RefineNetModel, RefinePatch, SubjectPatch, _clip_width_error,
+from ..nodes.largen import (SDXL_CONTEXT, SDXL_POOLED, RefineNetModel, RefinePatch, SubjectPatch, clip_width_error as _clip_width_error,  # noqa: E501
                             encode_subject, encode_zero_image, largen_from_parts, load_refinenet,
                             refinenet_from_parts, subject_latent)
-from .common import (ImageFolder, Loop, MASK_SUFFIX, PromptEncoder, TrainOptions, autocast, checkpointed_blocks,
-                     load_on_device, make_scaler, optimizer_step, parse_config, require_epsilon, sample_conds,
-                     sampler_options, save_image, sdxl_y, unet_blocks)
+from .common import (Engine, ImageFolder, Item, Loop, MASK_SUFFIX, PromptEncoder, TrainOptions, checkpointed_blocks,
+                     load_on_device, parse_config, require_epsilon, sample_conds, sampler_options, save_image, sdxl_y,
+                     unet_blocks, validation_losses, write_atomic)
+from .data import first_items, make_stream
 
 log = logging.getLogger("consistent_inpaint.training.largen")
 
@@ -83,8 +84,8 @@ class LARGenConfig(TrainOptions):
     """Train LAR-Gen: stage 1 (main UNet + subject projections, beta 1) or stage 2 (RefineNet, beta 0.3)."""
     stage: int                     # 1 or 2
     clip_vision: str               # CLIP ViT-H/14 image encoder file (ComfyUI clip_vision)
-    data: str                      # folder: name.png + name.mask.png (white = object) [+ name.txt]
-    output: str                    # folder for the .safetensors, state.pt, loss.csv, samples/
+    output: str                    # folder for the .safetensors, state.pt, loss.csv, logs/, samples/
+    data: str = ""                 # folder: name.png + name.mask.png (white = object) [+ name.txt] (or set shards)
     base: str = ""                 # SDXL inpainting checkpoint: stage 1's UNet (or a LAR-Gen file to continue); text
     #                                encoders and VAE of both stages unless `clip` / `vae` are given
     largen: str = ""               # stage 2: the frozen main model (stage 1's output or largen_ckpt_s22k.pth)
@@ -93,19 +94,19 @@ class LARGenConfig(TrainOptions):
     clip: str = ""                 # SDXL text encoders instead of base's: "clip_l.safetensors,clip_g.safetensors"
     vae: str = ""                  # SDXL VAE instead of base's
     train: str = "unet"            # stage 1: "unet" (main UNet + W_k', W_v', the paper) or "subject" (W_k', W_v' only)
-    resolution: int = 1024
+    resolution: int = 1024         # side of the zoom-in crop the UNet sees
     load_size: int = 0             # images squared to this side before the zoom-in crop (0: 2 x resolution)
     zoom: bool = True              # crop around the mask (bounding box x context_factor), as the paper
-    context_factor: float = 1.3
+    context_factor: float = 1.3    # the zoom-in crop's side over the mask's bounding box
     subject_resolution: int = 0    # stage 2: side of the subject image the RefineNet denoises (0: resolution)
-    batch_size: int = 1
-    steps: int = 20000
-    lr: float = 1e-5
+    batch_size: int = 1            # global batch (paper: 128)
+    steps: int = 20000             # optimiser steps (paper: 20K per stage)
+    lr: float = 1e-5               # AdamW learning rate (paper)
     beta: float = -1.0             # image-attention weight; -1: the paper's (1.0 stage 1, 0.3 stage 2)
     drop_text: float = 0.05        # probability a sample's text prompt is dropped (empty prompt)
     drop_image: float = 0.05       # probability its image prompt is dropped (zero image), independently
-    sample_steps: int = 20
-    sample_cfg: float = 7.5
+    sample_steps: int = 20         # sampler steps of the sample images
+    sample_cfg: float = 7.5        # CFG of the sample images
     save_dtype: str = "float32"    # float32 | float16 | bfloat16 for the written file
 
 
@@ -204,7 +205,10 @@ class LARGenTrainer:
         self.beta = PAPER_BETA[cfg.stage] if cfg.beta == -1 else cfg.beta
         self.resolution = cfg.resolution
         self.subject_resolution = cfg.subject_resolution or cfg.resolution
-        self.device = mm.get_torch_device()
+        if not cfg.data and not cfg.shards:
+            raise ValueError("set data (a folder) or shards")
+        self.engine = Engine(cfg, cfg.batch_size, cfg.output)
+        self.device = self.engine.device
         if clip is None or vae is None:
             lc, lv = load_encoders(cfg)
             clip, vae = clip or lc, vae or lv
@@ -264,8 +268,10 @@ class LARGenTrainer:
         # what state.pt keeps: the trainable tensors themselves (loading copies into them)
         self.trainable = nn.ParameterDict({n.replace(".", "__"): p for n, p in named.items()})
         self.optimizer = torch.optim.AdamW(list(named.values()), lr=cfg.lr)
-        self.scaler = make_scaler(self.device, cfg.mixed_precision, self.model)
-        self.data_rng = torch.Generator().manual_seed(cfg.seed + 1)
+        # what the engine wraps (DDP / FSDP): stage 2 the RefineNet (a whole UNet copy: FSDP shards it), stage 1 the
+        # trained tensors themselves
+        self.engine.prepare(self.refine.net if self.stage == 2 else self.trainable, self.optimizer,
+                            lambda b, step: self.losses(b))
         self.drop_rng = torch.Generator().manual_seed(cfg.seed + 2)
         torch.manual_seed(cfg.seed)
         load_on_device(self.model)
@@ -281,9 +287,12 @@ class LARGenTrainer:
 
     def item(self, data: ImageFolder, i: int):
         """-> (crop [3, R, R], hole [1, R, R] (1 = inpaint), subject square [1, 3, s, s], prompt)."""
-        pixels, mask, prompt = data[i]
+        return self.item_of(Item(data.items[i].name, *data[i], 0))
+
+    def item_of(self, it: Item):
+        pixels, mask, prompt = it.pixels, it.mask, it.prompt
         if mask is None or not (mask > 0.5).any():
-            raise ValueError(f"{data.items[i].name}: its mask is empty; it must mark the object (white)")
+            raise ValueError(f"{it.key}: its mask is empty; it must mark the object (white)")
         img, m = pixels[None], (mask > 0.5).float()[None, None]
         square = zoom.prepare_subject(img, m)
         R = self.resolution
@@ -302,9 +311,13 @@ class LARGenTrainer:
 
     @torch.no_grad()
     def batch(self, data: ImageFolder, indices, generator: torch.Generator | None = None, dropout: bool = True):
+        return self.batch_items([Item(data.items[i].name, *data[i], 0) for i in indices], generator, dropout)
+
+    @torch.no_grad()
+    def batch_items(self, items: list[Item], generator: torch.Generator | None = None, dropout: bool = True):
         """Everything a step needs that does not train: crops, masks, latents, prompt encodings (dropped per sample),
         subject tokens (the zero image's where dropped), the RefineNet's subject latents and CLIP features."""
-        items = [self.item(data, i) for i in indices]
+        items = [self.item_of(it) for it in items]
         n = len(items)
         if dropout:
             drop_text, drop_image = self.dropout(n, generator or self.drop_rng)
@@ -364,7 +377,7 @@ class LARGenTrainer:
         to = sampler_options(model, sigma)
         checkpointing = checkpointed_blocks(self.checkpointed_modules()) if self.cfg.gradient_checkpointing \
             else nullcontext()
-        with checkpointing, autocast(dev, self.cfg.mixed_precision):
+        with checkpointing:
             denoised = self.base_model.apply_model(x, sigma, c_concat=concat, c_crossattn=b["context"].to(dev),
                                                    transformer_options=to, y=b["y"].to(dev))
         pred = (x - denoised.float()) / sigma.view(B, 1, 1, 1)          # EPS: denoised = x - sigma * eps
@@ -373,8 +386,9 @@ class LARGenTrainer:
         hole = (err * m).sum() / (m.sum() * err.shape[1]).clamp(min=1)
         return dict(loss=err.mean(), hole=hole)
 
-    def train_step(self, b) -> dict:
-        return optimizer_step(self.optimizer, self.scaler, self.losses(b))
+    def train_step(self, b) -> dict | None:
+        """One micro-batch through the engine -> the losses once an optimiser step is complete."""
+        return self.engine.step(b, 0)
 
     # -- files --
     def state_dict_to_save(self) -> dict:
@@ -391,8 +405,7 @@ class LARGenTrainer:
         sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict_to_save().items()}
         meta = {"consistent_inpaint": "largen_stage1" if self.stage == 1 else "largen_refinenet",
                 "beta": str(self.beta)}
-        save_file(sd, str(path), metadata=meta)
-        return path
+        return write_atomic(path, lambda tmp: save_file(sd, str(tmp), metadata=meta))
 
     @torch.no_grad()
     def sample(self, b, path: Path, steps: int) -> None:
@@ -412,27 +425,39 @@ class LARGenTrainer:
         save_image(path, [b1["pixels"][0] * (1 - hole) + 0.5 * hole, subject, image])
 
     # -- the loop --
+    def check_items(self, items: list[Item]) -> None:
+        missing = [it.key for it in items if it.mask is None]
+        if missing:
+            raise ValueError(f"LAR-Gen trains on (image, object mask, local prompt) triples; {', '.join(missing[:5])} "
+                             f"have no mask (name{MASK_SUFFIX} beside a folder image, mask.png / segmentation in a "
+                             "shard)")
+
     def run(self) -> Path:
-        cfg = self.cfg
-        data = self.dataset()
+        cfg, engine = self.cfg, self.engine
+        if cfg.data and not cfg.shards:
+            self.dataset()                                     # every image has its mask
+        size = cfg.load_size or 2 * self.resolution
+        stream = make_stream(cfg, cfg.data, size, engine)
         out = Path(cfg.output)
-        out.mkdir(parents=True, exist_ok=True)
-        fixed = self.batch(data, [0], dropout=False)           # the sample images' input, the same after a resume
+        fixed_items = first_items(cfg, cfg.data, size, cfg.validation_size)
+        fixed = self.batch_items(fixed_items[:1], dropout=False)     # the sample images' input, the same after a resume
+        validation = self.batch_items(fixed_items, dropout=False)
 
-        def step_fn(step):
-            indices = torch.randint(0, len(data), (cfg.batch_size,), generator=self.data_rng).tolist()
-            return self.train_step(self.batch(data, indices))
+        def make_batch(items):
+            self.check_items(items)
+            return self.batch_items(items)
 
-        loop = Loop(name=f"LAR-Gen stage {self.stage}", output=cfg.output, steps=cfg.steps, module=self.trainable,
-                    optimizer=self.optimizer, generators={"data": self.data_rng, "drop": self.drop_rng},
-                    loss_names=["loss", "hole"], step_fn=step_fn,
-                    save_fn=lambda: self.save(out / OUTPUT_NAMES[self.stage]),
-                    sample_fn=lambda path: self.sample(fixed, path, cfg.sample_steps), log_every=cfg.log_every,
-                    save_every=cfg.save_every, sample_every=cfg.sample_every, scaler=self.scaler)
-        return loop.run()
+        return Loop(name=f"LAR-Gen stage {self.stage}", output=cfg.output, steps=cfg.steps, engine=engine,
+                    stream=stream, make_batch=make_batch, generators={"drop": self.drop_rng},
+                    loss_names=["loss", "hole"], save_fn=lambda: self.save(out / OUTPUT_NAMES[self.stage]),
+                    sample_fn=lambda path: self.sample(fixed, path, cfg.sample_steps),
+                    validate_fn=lambda: validation_losses(self.losses, validation, cfg.seed),
+                    log_every=cfg.log_every, save_every=cfg.save_every, sample_every=cfg.sample_every,
+                    validate_every=cfg.validate_every).run()
 
 
 def main(argv=None):
     cfg = parse_config(LARGenConfig, argv, "train.py largen")
     path = LARGenTrainer(cfg).run()
-    print(f"wrote {path}")
+    if path is not None:
+        print(f"wrote {path}")

@@ -30,13 +30,17 @@ import comfy.sd
 
 from ..models import branch_layouts, masks
 from ..models.atal import actual_token_mask, atal_loss
-from ..models.largen import latent_grid
+try:
+    from ..models.sites import latent_grid
+except ImportError:                      # before models/sites.py (the refactor moving it there) is in
+    from ..models.sites import latent_grid
 from ..nodes.branch import BranchPatch, InpaintBranch
 from ..nodes.branch_unet import ATTENTION_PROBE, GRADIENT_CHECKPOINT, BranchNet
 from ..nodes.common import wrap_patcher
-from .common import (ImageFolder, Loop, PromptEncoder, TrainOptions, autocast, evaluating, load_base, load_on_device,
-                     make_scaler, nearest, optimizer_step, parse_config, require_epsilon, sample_conds,
-                     sampler_options, save_image, sdxl_y)
+from .common import (Engine, ImageFolder, Item, Loop, PromptEncoder, TrainOptions, evaluating, load_base,
+                     load_on_device, nearest, parse_config, require_epsilon, sample_conds, sampler_options, save_image,
+                     sdxl_y, validation_losses, write_atomic)
+from .data import first_items, make_stream
 
 log = logging.getLogger("consistent_inpaint.training.painternet")
 
@@ -47,15 +51,15 @@ CLIP_START, CLIP_END = 49406, 49407      # CLIP BPE start / end-of-text ids (SD1
 class PainterNetConfig(TrainOptions):
     """Train a PainterNet branch (writes a file Load Inpaint Branch reads)."""
     base: str                      # ComfyUI checkpoint (UNet + CLIP + VAE), SD1.5 or SDXL, epsilon prediction
-    data: str                      # folder: name.png [+ name.mask.png] [+ name.txt]
-    output: str                    # folder for painternet.safetensors, state.pt, loss.csv, samples/
-    resolution: int = 512
-    batch_size: int = 1
-    steps: int = 1000
-    lr: float = 1e-5
+    output: str                    # folder for painternet.safetensors, state.pt, loss.csv, logs/, samples/
+    data: str = ""                 # folder: name.png [+ name.mask.png] [+ name.txt] (or set shards)
+    resolution: int = 512          # training images are squared to this
+    batch_size: int = 1            # global batch (paper: 4 GPUs; BrushNet's recipe)
+    steps: int = 1000              # optimiser steps
+    lr: float = 1e-5               # AdamW learning rate (BrushNet's)
     beta: float = 1e-5             # ATAL weight (paper: 1e-5)
-    mask: str = branch_layouts.MASK_KEEP
-    sample_steps: int = 20
+    mask: str = branch_layouts.MASK_KEEP   # the branch's mask channel polarity (keep: 1 = known pixels)
+    sample_steps: int = 20         # sampler steps of the sample images
 
 
 def _base_of(model) -> str:
@@ -72,6 +76,8 @@ def _base_of(model) -> str:
 class PainterNetTrainer:
     def __init__(self, cfg: PainterNetConfig, model=None, clip=None, vae=None, device=None):
         self.cfg = cfg
+        if not cfg.data and not cfg.shards:
+            raise SystemExit("missing required option(s): data (a folder) or shards (flags or the --config file)")
         if cfg.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8; got {cfg.resolution}")
         if model is None:
@@ -80,7 +86,8 @@ class PainterNetTrainer:
             raise ValueError(f"{cfg.base} must carry the text encoder and the VAE as well as the UNet")
         self.model, self.clip, self.vae = model, clip, vae
         self.base = _base_of(model)
-        self.device = device or mm.get_torch_device()
+        self.engine = Engine(cfg, cfg.batch_size, cfg.output)
+        self.device = device or self.engine.device
         unet = model.model.diffusion_model
         sd = branch_layouts.painternet_from_unet(unet.state_dict(), model.model.model_config.unet_config)
         self.metadata = branch_layouts.painternet_metadata(self.base, cfg.mask)
@@ -99,9 +106,8 @@ class PainterNetTrainer:
         self.sampling = model.get_model_object("model_sampling")
         self.latent_format = model.get_model_object("latent_format")
         self.optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
-        self.scaler = make_scaler(self.device, cfg.mixed_precision, model)
+        self.engine.prepare(net, self.optimizer, lambda b, step: self.losses(b))
         self.mask_rng = torch.Generator().manual_seed(cfg.seed)
-        self.data_rng = torch.Generator().manual_seed(cfg.seed + 1)
         torch.manual_seed(cfg.seed)
         self.encode_text = PromptEncoder(clip)
 
@@ -121,18 +127,25 @@ class PainterNetTrainer:
         return torch.cat([masked, 1 - m if self.cfg.mask == branch_layouts.MASK_KEEP else m], dim=1)
 
     def batch(self, data: ImageFolder, indices, generator: torch.Generator | None = None):
+        """The batch of the folder's images ``indices``, their sample seeds drawn from ``generator``."""
         g = generator or self.mask_rng
-        items = [data[i] for i in indices]
-        pixels = torch.stack([p for p, _, _ in items])
+        return self.batch_items([Item(data.items[i].stem, *data[i], int(torch.randint(2 ** 62, (), generator=g)))
+                                 for i in indices])
+
+    def batch_items(self, items: list[Item]):
+        """Each sample's mask, timestep and noise come from its own seed: the same whatever the process count."""
+        pixels = torch.stack([it.pixels for it in items])
         holes = []
-        for p, seg, _ in items:
+        for it in items:
+            g, seg = it.generator(1), it.mask
             if seg is None or seg.max() <= 0.5:
-                seg = masks.random_blob(p.shape[1], p.shape[2], g)
+                seg = masks.random_blob(it.pixels.shape[1], it.pixels.shape[2], g)
             holes.append(masks.painter_mask(seg, g)[0])
-        prompts = [prompt for _, _, prompt in items]
+        prompts = [it.prompt for it in items]
         context, pooled = self.encode_text.batch(prompts)
         tokens = torch.cat([actual_token_mask(self.encode_text(p).ids, CLIP_START, CLIP_END) for p in prompts])
-        return dict(pixels=pixels, hole=torch.stack(holes)[:, None], context=context, pooled=pooled, tokens=tokens)
+        return dict(pixels=pixels, hole=torch.stack(holes)[:, None], context=context, pooled=pooled, tokens=tokens,
+                    seeds=[it.seed for it in items], keys=[it.key for it in items])
 
     # -- one step --
     def losses(self, b) -> dict:
@@ -141,9 +154,10 @@ class PainterNetTrainer:
         self.patch.cond = self.branch_cond(masked, hole)     # training only: this run's own patch
         load_on_device(self.patched)           # again, in case loading the VAE unloaded the UNet and its patches
         B = latent.shape[0]
-        t = torch.randint(0, len(self.sampling.sigmas), (B,))
+        gens = [torch.Generator().manual_seed(s + 2) for s in b["seeds"]]            # the samples' own draws
+        t = torch.cat([torch.randint(0, len(self.sampling.sigmas), (1,), generator=g) for g in gens])
         sigma = self.sampling.sigmas[t].to(self.device, torch.float32)
-        eps = torch.randn_like(latent)
+        eps = torch.cat([torch.randn(latent.shape[1:], generator=g)[None] for g in gens]).to(latent)
         x = self.sampling.noise_scaling(sigma.view(B, 1, 1, 1), eps, latent)
         probe = {}
         # what ComfyUI's sampler hands the UNet: the patched model's options plus its wrappers (the branch runs in
@@ -156,23 +170,23 @@ class PainterNetTrainer:
         context = b["context"].to(self.device, dtype)
         y = self.y_for(b["pooled"])
         y = None if y is None else y.to(self.device, dtype)
-        with autocast(self.device, self.cfg.mixed_precision):
-            out = self.model.model.diffusion_model(self.sampling.calculate_input(sigma, x).to(dtype),
-                                                   self.sampling.timestep(sigma).float(), context=context, y=y,
-                                                   transformer_options=to)
+        out = self.model.model.diffusion_model(self.sampling.calculate_input(sigma, x).to(dtype),
+                                               self.sampling.timestep(sigma).float(), context=context, y=y,
+                                               transformer_options=to)
         diff = F.mse_loss(out.float(), eps)
         h, w = latent.shape[-2:]
         grids = {site: latent_grid(a.shape[1], h, w) for site, a in probe.items()}
         atal = atal_loss(probe, grids, b["hole"].to(self.device), b["tokens"].to(self.device))
         return dict(loss=diff + self.cfg.beta * atal, diffusion=diff, atal=atal)
 
-    def train_step(self, b) -> dict:
-        return optimizer_step(self.optimizer, self.scaler, self.losses(b))
+    def train_step(self, b) -> dict | None:
+        """One micro-batch through the engine -> the losses once an optimiser step is complete."""
+        return self.engine.step(b, 0)
 
     # -- files --
     def save(self, path: Path) -> None:
         sd = {k: v.detach().float().cpu().contiguous() for k, v in self.net.state_dict().items()}
-        save_file(sd, str(path), metadata=self.metadata)
+        write_atomic(path, lambda tmp: save_file(sd, str(tmp), metadata=self.metadata))
 
     @torch.no_grad()
     def sample(self, b, path: Path, steps: int) -> None:
@@ -193,28 +207,26 @@ class PainterNetTrainer:
 
     # -- the loop --
     def run(self) -> Path:
-        cfg = self.cfg
-        data = ImageFolder(cfg.data, cfg.resolution)
-        fixed = self.batch(data, [0], torch.Generator().manual_seed(cfg.seed + 2))    # the same after a resume
+        cfg, engine = self.cfg, self.engine
+        stream = make_stream(cfg, cfg.data, cfg.resolution, engine)
+        fixed = self.batch_items(first_items(cfg, cfg.data, cfg.resolution, cfg.validation_size))
         out = Path(cfg.output)
-
-        def step_fn(step):
-            indices = torch.randint(0, len(data), (cfg.batch_size,), generator=self.data_rng).tolist()
-            return self.train_step(self.batch(data, indices))
 
         def save_fn():
             self.save(out / "painternet.safetensors")
             return out / "painternet.safetensors"
 
-        return Loop(name="PainterNet", output=cfg.output, steps=cfg.steps, module=self.net, optimizer=self.optimizer,
-                    generators={"mask": self.mask_rng, "data": self.data_rng}, loss_names=["loss", "diffusion", "atal"],
-                    step_fn=step_fn, save_fn=save_fn, sample_fn=lambda path: self.sample(fixed, path, cfg.sample_steps),
-                    scaler=self.scaler, log_every=cfg.log_every, save_every=cfg.save_every,
-                    sample_every=cfg.sample_every).run()
+        return Loop(name="PainterNet", output=cfg.output, steps=cfg.steps, engine=engine, stream=stream,
+                    make_batch=self.batch_items, loss_names=["loss", "diffusion", "atal"], save_fn=save_fn,
+                    generators={"mask": self.mask_rng},
+                    sample_fn=lambda path: self.sample(fixed, path, cfg.sample_steps),
+                    validate_fn=lambda: validation_losses(self.losses, fixed, cfg.seed),
+                    log_every=cfg.log_every, save_every=cfg.save_every, sample_every=cfg.sample_every,
+                    validate_every=cfg.validate_every).run()
 
 
 def main(argv=None):
     cfg = parse_config(PainterNetConfig, argv, "train.py painternet")
     path = PainterNetTrainer(cfg).run()
-    print(f"wrote {path}")
-
+    if path is not None:
+        print(f"wrote {path}")

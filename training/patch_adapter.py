@@ -85,16 +85,20 @@ import comfy.sd
 
 from ..models import masks
 from ..models import patch_adapter as pa
-from ..models.largen import site_name
+try:
+    from ..models.largen import site_name
+except ImportError:                      # before models/sites.py (the refactor moving it there) is in
+    from ..models.sites import site_name
 from ..models.weights import load_weights, safetensors_metadata, tensor_dict
 from ..nodes import patch_refine
 from ..nodes.branch_unet import transformer_sites
 from ..nodes.common import wrap_patcher
-from ..nodes.patch_adapter import DualContextPatch, PatchAdapter, PatchAdapterNet, ReferencePatch, _attach_reference
-from ..nodes.patch_refine import _reference_tokens_latent
-from .common import (ImageFolder, Loop, PromptEncoder, TrainOptions, autocast, checkpointed_blocks, evaluating,
-                     load_base, load_on_device, make_scaler, optimizer_step, parse_config, require_epsilon,
-                     sample_conds, sampler_options, save_image, sdxl_y, unet_blocks)
+from ..nodes.patch_adapter import DualContextPatch, PatchAdapter, PatchAdapterNet, ReferencePatch, reference_attacher as _attach_reference  # noqa: E501
+from ..nodes.patch_refine import reference_latents as _reference_tokens_latent
+from .common import (Engine, ImageFolder, Item, Loop, PromptEncoder, TrainOptions, checkpointed_blocks, evaluating,
+                     load_base, load_on_device, parse_config, require_epsilon, sample_conds, sampler_options,
+                     save_image, sdxl_y, unet_blocks, validation_losses, write_atomic)
+from .data import first_items, make_stream
 
 log = logging.getLogger("consistent_inpaint.training.patch_adapter")
 
@@ -107,8 +111,8 @@ OUTPUT_NAME = "patch_adapter.safetensors"
 class PatchAdapterConfig(TrainOptions):
     """Train one Patch-Adapter stage (writes a file Load Patch-Adapter reads)."""
     base: str                      # ComfyUI checkpoint (UNet + CLIP + VAE): SD1.5- or SDXL-inpainting, epsilon
-    data: str                      # folder: name.png [+ name.mask.png] [+ name.txt]
-    output: str                    # folder for patch_adapter.safetensors, state.pt, loss.csv, samples/
+    output: str                    # folder for patch_adapter.safetensors, state.pt, loss.csv, logs/, samples/
+    data: str = ""                 # folder: name.png [+ name.mask.png] [+ name.txt] (or set shards)
     stage: str = "dca"             # dca: Dual Context Adapter (stage 1) | rpa: Reference Patch Adapter (stage 2)
     init: str = ""                 # Patch-Adapter file: its weights of this stage start the run, the other's are kept
     sites: str = "all"             # all | comma list of block kinds (input, middle, output) and/or sites (output.2.1)
@@ -116,13 +120,13 @@ class PatchAdapterConfig(TrainOptions):
     full_resolution: int = 4096    # rpa: training images are squared to this
     patch_size: int = 1024         # rpa: side of a patch, as High-Res Patch Refine's patch_size
     reference_context: float = 1.5  # rpa: as High-Res Patch Refine's reference_context
-    batch_size: int = 1
-    steps: int = 10000
-    lr: float = 1e-4
+    batch_size: int = 1            # global batch
+    steps: int = 10000             # optimiser steps
+    lr: float = 1e-4               # AdamW learning rate
     weight_decay: float = 1e-2     # projections only (gates: 0)
     max_timestep: int = 1000       # timesteps uniform in [0, max_timestep)
-    sample_steps: int = 20
-    sample_cfg: float = 7.5
+    sample_steps: int = 20         # sampler steps of the sample images
+    sample_cfg: float = 7.5        # CFG of the sample images
     sample_denoise: float = 0.5    # rpa samples (High-Res Patch Refine's default)
 
 
@@ -278,7 +282,10 @@ class PatchAdapterTrainer:
     def __init__(self, cfg: PatchAdapterConfig, model=None, clip=None, vae=None, device=None):
         check_config(cfg)
         self.cfg, self.stage = cfg, cfg.stage
-        self.dataset = ImageFolder(cfg.data, self.image_size)         # a wrong folder fails before any loading
+        if not cfg.data and not cfg.shards:
+            raise ValueError("set data (a folder) or shards")
+        self.dataset = ImageFolder(cfg.data, self.image_size) if not cfg.shards else None  # fails before any loading
+        self.engine = Engine(cfg, cfg.batch_size, cfg.output)
         if model is None:
             model, clip, vae = load_base(cfg.base)
         self.base = base_of(model)
@@ -287,7 +294,7 @@ class PatchAdapterTrainer:
         if patch_refine.latent_factor(vae) != 8:
             raise ValueError(f"the VAE's latent factor is {patch_refine.latent_factor(vae)}; SD1.5/SDXL VAEs have 8")
         self.model, self.clip, self.vae = model, clip, vae
-        self.device = device or mm.get_torch_device()
+        self.device = device or self.engine.device
         unet = model.model.diffusion_model
         sites = transformer_sites(unet)
 
@@ -321,11 +328,10 @@ class PatchAdapterTrainer:
         gates = [p for n, p in self.module.named_parameters() if n.startswith("gate.")]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": gates, "weight_decay": 0.0}], lr=cfg.lr)
-        self.scaler = make_scaler(self.device, cfg.mixed_precision, model)
+        self.engine.prepare(self.module, self.optimizer, lambda b, step: self.losses(b))
         self.sampling = model.get_model_object("model_sampling")
         self.latent_format = model.get_model_object("latent_format")
         self.mask_rng = torch.Generator().manual_seed(cfg.seed)
-        self.data_rng = torch.Generator().manual_seed(cfg.seed + 1)
         torch.manual_seed(cfg.seed)
         self.encode_text = PromptEncoder(clip)
         self._plain_sample = None
@@ -356,11 +362,14 @@ class PatchAdapterTrainer:
         return masks.painter_mask(seg, g)[0]
 
     def batch(self, data: ImageFolder, indices, generator: torch.Generator | None = None) -> dict:
+        return self.batch_items([Item(data.items[i].stem, *data[i], 0) for i in indices], generator)
+
+    def batch_items(self, items: list[Item], generator: torch.Generator | None = None) -> dict:
         """dca: pixels [B, 3, R, R], hole [B, 1, R, R]; rpa: the patches (pixels, hole [B, ., P, P]), their boxes in the
         full image, the full image's reference [B, 3, R, R]. Both: context, pooled."""
         g = generator or self.mask_rng
         cfg = self.cfg
-        items = [data[i] for i in indices]
+        items = [(it.pixels, it.mask, it.prompt) for it in items]
         context, pooled = self.encode_text.batch([prompt for _, _, prompt in items])
         out = dict(context=context, pooled=pooled)
         if self.stage == "dca":
@@ -421,14 +430,15 @@ class PatchAdapterTrainer:
             extra["y"] = y.to(self.device)
         blocks = checkpointed_blocks(unet_blocks(base.diffusion_model)) if self.cfg.gradient_checkpointing \
             else nullcontext()
-        with blocks, autocast(self.device, self.cfg.mixed_precision):
+        with blocks:
             denoised = base.apply_model(x, sigma, c_concat=concat, c_crossattn=b["context"].to(self.device),
                                         control=None, transformer_options=to, **extra)
         predicted = (x - denoised.float()) / sigma.view(B, 1, 1, 1)      # epsilon: denoised = x - sigma * eps
         return dict(loss=F.mse_loss(predicted, eps))
 
-    def train_step(self, b) -> dict:
-        return optimizer_step(self.optimizer, self.scaler, self.losses(b))
+    def train_step(self, b) -> dict | None:
+        """One micro-batch through the engine -> the losses once an optimiser step is complete."""
+        return self.engine.step(b, 0)
 
     # -- files --
     def weights(self) -> pa.AdapterWeights:
@@ -438,8 +448,8 @@ class PatchAdapterTrainer:
 
     def save(self, path: Path) -> Path:
         sd, meta = pa.adapter_state_dict(self.weights())
-        save_file({k: v.float().contiguous() for k, v in sd.items()}, str(path), metadata=meta)
-        return path
+        sd = {k: v.float().contiguous() for k, v in sd.items()}
+        return write_atomic(path, lambda tmp: save_file(sd, str(tmp), metadata=meta))
 
     def _conds(self, b, **extra):
         return sample_conds(self.encode_text, b["context"], b["pooled"],
@@ -504,21 +514,20 @@ class PatchAdapterTrainer:
                                      f"(stage 2 reads stage 1's file through init)")
 
     def run(self) -> Path:
-        cfg = self.cfg
+        cfg, engine = self.cfg, self.engine
         self._check_output(Path(cfg.output))
-        data = self.dataset
-        fixed = self.batch(data, [0], torch.Generator().manual_seed(cfg.seed + 2))   # the same after a resume
-
-        def step(_):
-            indices = torch.randint(0, len(data), (cfg.batch_size,), generator=self.data_rng).tolist()
-            return self.train_step(self.batch(data, indices))
-
+        stream = make_stream(cfg, cfg.data, self.image_size, engine)
+        fixed_items = first_items(cfg, cfg.data, self.image_size, cfg.validation_size)
+        fixed = self.batch_items(fixed_items[:1], torch.Generator().manual_seed(cfg.seed + 2))   # the same after a resume
+        validation = self.batch_items(fixed_items, torch.Generator().manual_seed(cfg.seed + 4))
         out = Path(cfg.output)
-        return Loop(name=f"Patch-Adapter {self.stage}", output=cfg.output, steps=cfg.steps, module=self.module,
-                    optimizer=self.optimizer, generators={"mask": self.mask_rng, "data": self.data_rng},
-                    loss_names=["loss"], step_fn=step, save_fn=lambda: self.save(out / OUTPUT_NAME),
-                    sample_fn=lambda path: self.sample(fixed, path, cfg.sample_steps), log_every=cfg.log_every,
-                    save_every=cfg.save_every, sample_every=cfg.sample_every, scaler=self.scaler).run()
+        return Loop(name=f"Patch-Adapter {self.stage}", output=cfg.output, steps=cfg.steps, engine=engine,
+                    stream=stream, make_batch=self.batch_items, generators={"mask": self.mask_rng},
+                    loss_names=["loss"], save_fn=lambda: self.save(out / OUTPUT_NAME),
+                    sample_fn=lambda path: self.sample(fixed, path, cfg.sample_steps),
+                    validate_fn=lambda: validation_losses(self.losses, validation, cfg.seed),
+                    log_every=cfg.log_every, save_every=cfg.save_every, sample_every=cfg.sample_every,
+                    validate_every=cfg.validate_every).run()
 
 
 def main(argv=None):
@@ -527,4 +536,5 @@ def main(argv=None):
         path = PatchAdapterTrainer(cfg).run()
     except (ValueError, FileNotFoundError) as e:     # a bad setting or file: the message says which and the fix
         raise SystemExit(f"patch_adapter: {e}") from None
-    print(f"wrote {path}")
+    if path is not None:
+        print(f"wrote {path}")

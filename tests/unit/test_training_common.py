@@ -1,5 +1,5 @@
-"""What every trainer shares (training/common.py), in plain torch: configuration, prompt cache, resumable state,
-gradient checkpointing of blocks, the optimiser step, eval mode for samples."""
+"""What every trainer shares (training/common.py), in plain torch: configuration and its help, prompt cache, gradient
+checkpointing of blocks, eval mode for samples. The engine and the data streams: tests/unit/test_training_engine.py."""
 import csv
 import dataclasses
 from types import SimpleNamespace
@@ -140,17 +140,8 @@ def test_checkpointed_blocks_recompute_with_the_same_result_and_leave_the_blocks
     assert len(calls) == 3           # nothing to recompute without gradients
 
 
-def test_optimizer_step_and_evaluating():
+def test_evaluating():
     net = nn.Sequential(nn.Linear(3, 1), nn.Dropout(0.5))
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    before = net[0].weight.detach().clone()
-    x = torch.ones(1, 3)
-    net[0].weight.grad = torch.full_like(before, 100.0)      # stale gradient: must be cleared first
-    loss = net[0](x).sum()
-    out = common.optimizer_step(opt, scaler, {"loss": loss, "other": 2})
-    assert out == {"loss": float(loss.detach()), "other": 2.0}
-    torch.testing.assert_close(net[0].weight.detach(), before - 0.1)
     net.train()
     with common.evaluating(net):
         assert not net.training
@@ -160,37 +151,6 @@ def test_optimizer_step_and_evaluating():
         with common.evaluating(net):
             raise KeyError
     assert not net.training
-
-
-def test_loss_scaling_is_on_for_fp16_autocast_and_for_a_float16_model():
-    dev = torch.device("cpu")
-
-    def model(dtype, cast=None):
-        return SimpleNamespace(model=SimpleNamespace(manual_cast_dtype=cast, get_dtype=lambda: dtype))
-    assert not common.make_scaler(dev, "no", model(torch.float32)).is_enabled()
-    assert not common.make_scaler(dev, "bf16", model(torch.bfloat16, torch.float32)).is_enabled()
-    assert common.make_scaler(dev, "fp16", model(torch.float32)).is_enabled()
-    assert common.make_scaler(dev, "no", model(torch.float32), model(torch.float16)).is_enabled()
-    assert common.make_scaler(dev, "bf16", model(torch.float8_e4m3fn, torch.float16)).is_enabled()
-
-
-def test_state_round_trip_and_mismatch(tmp_path):
-    net, g = nn.Linear(2, 2), torch.Generator().manual_seed(3)
-    opt = torch.optim.AdamW(net.parameters())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
-    scaler.scale(net(torch.ones(1, 2)).sum()).backward()
-    scaler.step(opt)
-    scaler.update(2.0 ** 7)                             # a scale the run has moved to
-    common.save_state(tmp_path / "state.pt", 7, net.state_dict(), opt, {"g": g}, scaler)
-    want = torch.rand(3, generator=g)
-    other, g2 = nn.Linear(2, 2), torch.Generator()
-    opt2 = torch.optim.AdamW(other.parameters())
-    scaler2 = torch.amp.GradScaler("cpu")
-    assert common.load_state(tmp_path / "state.pt", other, opt2, {"g": g2}, scaler2) == 7
-    assert torch.equal(other.weight, net.weight) and torch.equal(torch.rand(3, generator=g2), want)
-    assert scaler2.get_scale() == 2.0 ** 7
-    with pytest.raises(ValueError, match="does not match this run's trainable weights"):
-        common.load_state(tmp_path / "state.pt", nn.Linear(3, 2), opt2, {"g": g2})
 
 
 def test_image_folder_pairs_masks_and_prompts(tmp_path):
@@ -217,41 +177,3 @@ def test_cosine_lr():
     assert common.cosine_lr(1.0, 0, 100) == 1.0
     assert common.cosine_lr(1.0, 50, 100) == pytest.approx(0.5)
     assert common.cosine_lr(1.0, 100, 100) == pytest.approx(0.0) == common.cosine_lr(1.0, 300, 100)
-
-
-def test_a_resumed_loop_logs_every_step_once(tmp_path):
-    """A run stopped after logging step 3 but saving only step 2 resumes at 2: loss.csv keeps 1 and 2, drops the
-    stale 3, and the resumed run logs 3 and 4; the trained weights equal an uninterrupted run's."""
-    def make(crash_at=None):
-        torch.manual_seed(0)
-        net = nn.Linear(2, 1)
-        opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        g = torch.Generator().manual_seed(1)
-
-        def step_fn(step):
-            if step == crash_at:
-                raise KeyboardInterrupt
-            x = torch.rand(4, 2, generator=g)
-            return common.optimizer_step(opt, torch.amp.GradScaler("cpu", enabled=False),
-                                         {"loss": (net(x) - 1).square().mean()})
-        return net, common.Loop(name="t", output=str(out), steps=4, module=net, optimizer=opt, generators={"g": g},
-                                loss_names=["loss"], step_fn=step_fn, save_fn=lambda: out / "w",
-                                log_every=1, save_every=2)
-
-    out = tmp_path / "whole"
-    whole, loop = make()
-    loop.run()
-    out = tmp_path / "resumed"
-    _, loop = make(crash_at=3)
-    with pytest.raises(KeyboardInterrupt):
-        loop.run()
-    with open(out / "loss.csv") as fh:
-        assert [r["step"] for r in csv.DictReader(fh)] == ["1", "2", "3"]
-    resumed, loop = make()
-    loop.run()
-    with open(out / "loss.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    with open(tmp_path / "whole" / "loss.csv") as fh:
-        assert rows == list(csv.DictReader(fh))
-    assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
-    assert torch.equal(resumed.weight, whole.weight)

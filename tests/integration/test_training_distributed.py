@@ -1,0 +1,299 @@
+"""The trainers through the distributed engine (Hugging Face accelerate) on the CPU: ``train.py`` run by the real
+launcher (``accelerate launch --multi_gpu --num_processes 2``, gloo) on a shallow random SD1.5 checkpoint.
+
+- 2 processes × batch 1 train the same weights as 1 process × batch 2 and as 1 process × batch 1 × 2 accumulation
+  steps (tolerance below, from the float32 noise of batching measured in the test itself);
+- a run stopped by SIGTERM saves and exits cleanly; resumed on the same and on another process count it continues
+  the data stream with no sample seen twice and none skipped (sample keys logged by the test's data);
+- WebDataset shards (BrushData's tar layout, written here) split over processes without overlap, a malformed sample
+  is skipped and counted, a pattern that matches nothing is an error at start;
+- only the main process writes files, every written file is mode 0644, and the trained file loads in Load Inpaint
+  Branch in a real ComfyUI graph;
+- ``python train.py --help`` prints every method's options and exits 0.
+"""
+import io
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from test_branch_graph import _graph
+from training_support import ROOT, loss_rows, write_data
+
+SHIMS = str(Path(__file__).resolve().parent / "shims")
+PROMPTS = ["a red apple", "a small wooden boat on a lake", "a green chair", "a blue cup", "an old lamp",
+           "a striped cat", "a yellow kite", "a brick wall"]
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(comfy, comfy_models):
+    return comfy.folder_paths.get_full_path("checkpoints", comfy_models.sd15_checkpoint(levels=2))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("dist_data"), PROMPTS, box=lambda i: (16, 44, 8 + 6 * i, 40))
+
+
+def _env(comfy, extra=None):
+    env = dict(os.environ, COMFYUI_PATH=str(comfy.path), CONSISTENT_INPAINT_COMFY_SHIMS=SHIMS,
+               OMP_NUM_THREADS="1", **(extra or {}))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def _cmd(processes: int, port: int, extra=()):
+    if processes == 1:
+        return [sys.executable, str(ROOT / "train.py")]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(port), *extra, str(ROOT / "train.py")]
+
+
+def _config(path: Path, base: str, out: Path, **kw) -> Path:
+    values = dict(base=base, output=str(out), resolution=64, log_every=1, save_every=100, sample_every=0, lr=1e-4,
+                  beta=1e-5, tracker="none", **kw)
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+
+def _train(comfy, processes: int, cfg: Path, *flags, port: int = 29611, env=None, check=True):
+    r = subprocess.run([*_cmd(processes, port), "painternet", "--config", str(cfg), *flags], env=_env(comfy, env),
+                       capture_output=True, text=True, timeout=900, cwd=str(ROOT))
+    if check:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def _weights(out: Path) -> dict:
+    return load_file(str(out / "painternet.safetensors"))
+
+
+def _dist(a: dict, b: dict) -> float:
+    """The L2 distance of two weight sets over every tensor."""
+    assert a.keys() == b.keys()
+    return float(torch.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a)))
+
+
+def test_two_processes_equal_one_process_with_the_global_batch_and_with_accumulation(comfy, base_ckpt, data_dir,
+                                                                                    tmp_path):
+    """Global batch 2 for 3 optimiser steps, three ways. Each sample's mask, timestep and noise follow its place in
+    the stream, so the three runs see the same samples in the same optimiser steps; what differs is float32 rounding
+    (a batch of 2 through one UNet call vs two calls of 1, summed in another order), which AdamW's normalised step
+    turns into up to ~lr per weight where a gradient is ~0, so weights are compared as a whole (L2 over every
+    tensor). The tolerance is the noise measured here (1 process batch 2 vs batch 1 × 2 accumulation) times 4; that
+    noise must itself be under 5 % of the distance to a run with another seed (other samples, masks, noise), so the
+    test can fail."""
+    runs = {}
+    for name, procs, flags in (("ddp", 2, ()), ("batch", 1, ()), ("accum", 1, ("--gradient_accumulation", "2")),
+                               ("other", 1, ("--seed", "1"))):
+        cfg = _config(tmp_path / f"{name}.toml", base_ckpt, tmp_path / name, data=str(data_dir), batch_size=2, steps=3)
+        _train(comfy, procs, cfg, *flags)
+        runs[name] = _weights(tmp_path / name)
+        shutil.rmtree(tmp_path / name / "state.pt", ignore_errors=True)
+    noise = _dist(runs["batch"], runs["accum"])
+    apart = _dist(runs["batch"], runs["other"])
+    tol = 4 * noise
+    print(f"L2: batch vs accumulation (float32 noise) {noise:.3g}; tolerance {tol:.3g}; "
+          f"ddp vs batch {_dist(runs['ddp'], runs['batch']):.3g}; ddp vs accumulation "
+          f"{_dist(runs['ddp'], runs['accum']):.3g}; another seed {apart:.3g}")
+    assert noise < 0.05 * apart, (noise, apart)
+    assert _dist(runs["ddp"], runs["batch"]) <= tol
+    assert _dist(runs["ddp"], runs["accum"]) <= tol
+    rows = {name: loss_rows(tmp_path / name) for name in runs}
+    for name in ("ddp", "accum"):
+        for a, b in zip(rows[name], rows["batch"]):
+            assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-3, abs=1e-5), name
+    assert [r["loss"] for r in rows["other"]] != [r["loss"] for r in rows["batch"]]
+
+
+def _keys_log(env_dir: Path) -> dict:
+    """{rank: [keys]} that the test's hook recorded (one file per process)."""
+    out = {}
+    for f in sorted(env_dir.glob("keys.*.txt")):
+        out[int(f.name.split(".")[1])] = [line.split() for line in f.read_text().splitlines()]
+    return out
+
+
+def test_sigterm_saves_and_resumes_on_the_same_and_another_process_count(comfy, base_ckpt, data_dir, tmp_path):
+    """A 2-process run is sent SIGTERM once it has passed step 2: it saves the step it is at and exits 0. Resumed on
+    2 processes, then on 1: the steps continue, and every optimiser step's samples (keys) are exactly those of an
+    uninterrupted run: no sample twice within an epoch, none skipped."""
+    out = tmp_path / "run"
+    cfg = _config(tmp_path / "c.toml", base_ckpt, out, data=str(data_dir), batch_size=2, steps=40)
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    env = _env(comfy, {"CONSISTENT_INPAINT_KEY_LOG": str(keys)})
+    p = subprocess.Popen([*_cmd(2, 29631), "painternet", "--config", str(cfg)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, cwd=str(ROOT), start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        rows = (out / "loss.csv").read_text().splitlines() if (out / "loss.csv").exists() else []
+        if len(rows) >= 3:                                   # header + 2 steps
+            break
+        time.sleep(0.5)
+        assert p.poll() is None, p.stdout.read()[-4000:]
+    os.killpg(p.pid, signal.SIGTERM)                          # a cluster pre-empts the whole job
+    text = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, text[-4000:]
+    assert "SIGTERM received" in text
+    stopped = torch.load(out / "state.pt", weights_only=True)["step"]
+    assert 2 <= stopped < 40
+    assert [int(r["step"]) for r in loss_rows(out)] == list(range(1, stopped + 1))
+
+    _config(tmp_path / "c.toml", base_ckpt, out, data=str(data_dir), batch_size=2, steps=stopped + 2)
+    _train(comfy, 2, tmp_path / "c.toml", env={"CONSISTENT_INPAINT_KEY_LOG": str(keys)}, port=29632)
+    _config(tmp_path / "c.toml", base_ckpt, out, data=str(data_dir), batch_size=2, steps=stopped + 6)
+    _train(comfy, 1, tmp_path / "c.toml", env={"CONSISTENT_INPAINT_KEY_LOG": str(keys)})
+    assert [int(r["step"]) for r in loss_rows(out)] == list(range(1, stopped + 7))
+
+    seen = {}                 # step -> keys trained at that step (the last record of a step wins: a resumed run
+    for rank, lines in _keys_log(keys).items():     # redoes no step, but a killed one may have drawn one unsaved)
+        for step, *ks in lines:
+            seen.setdefault(int(step), {})[rank] = ks
+    per_step = [sorted(k for r in sorted(seen[s]) for k in seen[s][r]) for s in range(stopped + 6)]
+    flat = [k for ks in per_step for k in ks]
+    n = len(PROMPTS)
+    for epoch_start in range(0, len(flat), n):
+        epoch = flat[epoch_start:epoch_start + n]
+        assert len(set(epoch)) == len(epoch), epoch            # nothing twice within an epoch
+    assert sorted(flat[:n]) == sorted(f"img{i}" for i in range(n))   # the first epoch: every image once
+
+
+def _brushdata_shard(path: Path, start: int, count: int, bad=()):
+    """A tar shard in BrushData's layout: key.image (JPEG), key.segmentation (JSON {"mask": [RLE, ...]}, runs of
+    (1-based start, length) over column-major pixels), key.caption, key.height, key.width."""
+    rng = np.random.default_rng(start)
+    with tarfile.open(path, "w") as tar:
+        def add(name, data: bytes):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for i in range(start, start + count):
+            key = f"{i:06d}"
+            h, w = 48, 64
+            img = Image.fromarray(rng.uniform(0, 255, (4, 5, 3)).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+            buf = io.BytesIO()
+            img.save(buf, "JPEG")
+            m = np.zeros((h, w), np.uint8)
+            m[10:30, 8 + i % 20:30 + i % 20] = 1
+            flat = m.flatten(order="F")
+            runs, j = [], 0
+            while j < len(flat):
+                if flat[j]:
+                    k = j
+                    while k < len(flat) and flat[k]:
+                        k += 1
+                    runs += [j + 1, k - j]
+                    j = k
+                else:
+                    j += 1
+            add(f"{key}.image", b"not a jpeg" if i in bad else buf.getvalue())
+            add(f"{key}.segmentation", json.dumps({"mask": [runs]}).encode())
+            add(f"{key}.caption", PROMPTS[i % len(PROMPTS)].encode())
+            add(f"{key}.height", str(h).encode())
+            add(f"{key}.width", str(w).encode())
+
+
+def test_brushdata_shards_train_painternet_on_two_processes_without_overlap(comfy, base_ckpt, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(4):
+        _brushdata_shard(shards / f"{s:05d}.tar", 6 * s, 6, bad={13})
+    out = tmp_path / "run"
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    cfg = _config(tmp_path / "s.toml", base_ckpt, out, shards=str(shards / "{00000..00003}.tar"), batch_size=2,
+                  steps=5, shuffle_buffer=4)
+    r = _train(comfy, 2, cfg, env={"CONSISTENT_INPAINT_KEY_LOG": str(keys)}, port=29641)
+    log = _keys_log(keys)
+    assert sorted(log) == [0, 1]
+    by_rank = {rank: [k for _, *ks in lines for k in ks] for rank, lines in log.items()}
+    assert all(len(v) == 5 for v in by_rank.values())
+    assert not set(by_rank[0]) & set(by_rank[1])               # disjoint: the processes read different shards
+    shard_of = {rank: {int(k) // 6 for k in ks} for rank, ks in by_rank.items()}
+    assert not shard_of[0] & shard_of[1]
+    everything = by_rank[0] + by_rank[1]
+    assert len(set(everything)) == len(everything) and "000013" not in everything
+    rows = loss_rows(out)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5] and all(np.isfinite(float(r["loss"])) for r in rows)
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["data"]["kind"] == "shards" and state["processes"] == 2
+    if 13 // 6 in shard_of[0] | shard_of[1]:
+        assert "skipping 000013" in r.stdout + r.stderr
+
+    missing = _config(tmp_path / "m.toml", base_ckpt, tmp_path / "none", shards=str(shards / "nothing-*.tar"),
+                      batch_size=2, steps=1)
+    bad = _train(comfy, 1, missing, check=False)
+    assert bad.returncode != 0 and "match no file" in bad.stderr
+
+
+AUDIT = """
+import os, sys
+_out, _log = os.environ["AUDIT_OUTPUT"], os.environ["AUDIT_LOG"]
+def _hook(event, args):
+    if event in ("open", "os.rename", "os.replace", "os.chmod", "os.mkdir", "os.remove"):
+        path, mode = args[0], (args[1] if event == "open" and len(args) > 1 else "")
+        write = event != "open" or (isinstance(mode, str) and any(c in mode for c in "wax+")) or \\
+            (event == "open" and isinstance(args[2] if len(args) > 2 else 0, int) and (args[2] or 0) & 3)
+        if write and isinstance(path, (str, bytes, os.PathLike)) and os.fsdecode(path).startswith(_out):
+            with open(_log + "." + os.environ.get("RANK", "single"), "a") as fh:
+                fh.write(event + " " + os.fsdecode(path) + "\\n")
+sys.addaudithook(_hook)
+"""
+
+
+def test_only_the_main_process_writes_files_with_mode_0644_and_the_file_loads_in_comfyui(
+        comfy, run_prompt, base_ckpt, data_dir, tmp_path):
+    """Every process runs under a Python audit hook (sitecustomize) that records each file it opens for writing,
+    renames, chmods or creates under the output folder: only rank 0 appears."""
+    out = tmp_path / "run"
+    cfg = _config(tmp_path / "w.toml", base_ckpt, out, data=str(data_dir), batch_size=2, steps=2, sample_every=2,
+                  sample_steps=1, tracker="tensorboard", validate_every=1, validation_size=2)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(AUDIT)
+    audit = {"AUDIT_OUTPUT": str(out), "AUDIT_LOG": str(tmp_path / "writes"),
+             "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    old = os.umask(0o077)                     # the strictest umask: files would be 0600 without the fix
+    try:
+        _train(comfy, 2, cfg, env=audit, port=29651)
+    finally:
+        os.umask(old)
+    writers = sorted(p.name.rsplit(".", 1)[1] for p in tmp_path.glob("writes.*"))
+    assert writers == ["0"], writers
+    written = (tmp_path / "writes.0").read_text()
+    assert "state.pt" in written and "loss.csv" in written
+    for f in ("painternet.safetensors", "state.pt", "loss.csv", "samples/step_0000002.png"):
+        assert stat.S_IMODE((out / f).stat().st_mode) == 0o644, f
+    assert list((out / "logs").rglob("events.out.tfevents.*"))      # TensorBoard through the engine's tracker
+    assert not list(out.rglob("*.tmp"))
+
+    folder = Path(comfy.folder_paths.get_folder_paths("inpaint_branch")[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(out / "painternet.safetensors", folder / "painternet_ddp_test.safetensors")
+    comfy.folder_paths.filename_list_cache.clear()
+    g = comfy.graph()
+    n = _graph(g, Path(base_ckpt).name, "painternet_ddp_test.safetensors", scale=1.0, counter=False)
+    assert torch.isfinite(run_prompt(g).output(n["sampler"].id, 0)["samples"]).all()
+
+
+def test_help_lists_every_method_and_its_options(comfy):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], env=_env(comfy), capture_output=True,
+                       text=True, timeout=300, cwd=str(ROOT))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for method in ("painternet", "asuka_mae", "asuka_alignment", "asuka_decoder", "largen", "patch_adapter"):
+        assert f"usage: train.py {method}" in r.stdout
+    assert "--gradient_accumulation" in r.stdout and "ATAL weight (paper: 1e-5) (default: 1e-05)" in r.stdout
