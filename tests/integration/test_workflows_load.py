@@ -10,6 +10,9 @@ import pytest
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# Nodes the frontend defines itself (comfyui-frontend-package); the server never sees them: the frontend leaves them
+# out of the prompt it queues. Each holds one text widget.
+FRONTEND_ONLY = {"MarkdownNote", "Note"}
 
 
 def _inputs(cls):
@@ -51,6 +54,11 @@ def test_workflow_matches_the_served_node_definitions(comfy, path):
     mapping = comfy.nodes.NODE_CLASS_MAPPINGS
     nodes = {n["id"]: n for n in wf["nodes"]}
     for n in wf["nodes"]:
+        if n["type"] in FRONTEND_ONLY:
+            values = n.get("widgets_values") or []
+            assert len(values) == 1 and isinstance(values[0], str), f"{path.name} node {n['id']}: {values!r}"
+            assert not n.get("inputs") and not n.get("outputs"), f"{path.name} node {n['id']} has slots"
+            continue
         assert n["type"] in mapping, f"{path.name}: node type {n['type']} is not served"
         cls = mapping[n["type"]]
         ws, values = _widgets(cls), n.get("widgets_values") or []
@@ -69,7 +77,7 @@ def test_workflow_matches_the_served_node_definitions(comfy, path):
                 assert v in opts["options"], where
             elif kind == "CONTROL":
                 assert v in ("fixed", "increment", "decrement", "randomize"), where
-    outputs = {nid: list(mapping[n["type"]].RETURN_TYPES) for nid, n in nodes.items()}
+    outputs = {nid: list(mapping[n["type"]].RETURN_TYPES) for nid, n in nodes.items() if n["type"] not in FRONTEND_ONLY}
     for link_id, src, src_slot, dst, dst_slot, ltype in wf["links"]:
         assert outputs[src][src_slot] == ltype, f"{path.name} link {link_id}: output is {outputs[src][src_slot]}"
         slot = nodes[dst]["inputs"][dst_slot]
@@ -99,7 +107,7 @@ def _to_api(wf, mapping):
         return None
 
     for n in wf["nodes"]:
-        if n.get("mode") == BYPASS:
+        if n.get("mode") == BYPASS or n["type"] in FRONTEND_ONLY:
             continue
         cls = mapping[n["type"]]
         inputs = {}
