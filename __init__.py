@@ -7,9 +7,8 @@ WEB_DIRECTORY = "./web"
 
 
 async def comfy_entrypoint():
-    from comfy_api.latest import ComfyExtension
-
     from .nodes import NODES
+    from .nodes.comfy_compat import ComfyExtension
 
     class ConsistentInpaintExtension(ComfyExtension):
         async def get_node_list(self):

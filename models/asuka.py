@@ -71,22 +71,21 @@ def check_compatible(mae: asuka_mae.MAEPrior, tokens_align, pooled_align, nulls:
     for name, a in (("alignment", tokens_align), ("alignment_pooled", pooled_align)):
         if a is not None and a.config.in_dim != width:
             raise CheckpointFormatError(f"{name} takes {a.config.in_dim}-wide input but the MAE prior is {width} wide")
+    # (null name, the null, its width, the alignment it mixes with, that alignment's name)
+    pairs = (("null_tokens", nulls.tokens, -1, tokens_align, "the alignment"),
+             ("null_pooled", nulls.pooled, 0, pooled_align, "alignment_pooled"))
+    for name, null, axis, align, align_name in pairs:
+        if null is None:
+            continue
+        if align is None:
+            raise CheckpointFormatError(f"{name} given without {align_name}")
+        if null.shape[axis] != align.config.dim:
+            raise CheckpointFormatError(f"{name} is {null.shape[axis]} wide but {align_name} produces "
+                                        f"{align.config.dim}")
     n_tokens = mae.config.grid ** 2
-    if nulls.tokens is not None:
-        if tokens_align is None:
-            raise CheckpointFormatError("null_tokens given without an alignment for tokens")
-        if nulls.tokens.shape[1] != tokens_align.config.dim:
-            raise CheckpointFormatError(
-                f"null_tokens are {nulls.tokens.shape[1]} wide but the alignment produces {tokens_align.config.dim}")
-        if nulls.tokens.shape[0] < n_tokens:
-            raise CheckpointFormatError(
-                f"null_tokens hold {nulls.tokens.shape[0]} tokens; the prior has {n_tokens} (use txt_256.pt)")
-    if nulls.pooled is not None:
-        if pooled_align is None:
-            raise CheckpointFormatError("null_pooled given without an alignment_pooled")
-        if nulls.pooled.shape[0] != pooled_align.config.dim:
-            raise CheckpointFormatError(
-                f"null_pooled is {nulls.pooled.shape[0]} wide but alignment_pooled produces {pooled_align.config.dim}")
+    if nulls.tokens is not None and nulls.tokens.shape[0] < n_tokens:
+        raise CheckpointFormatError(
+            f"null_tokens hold {nulls.tokens.shape[0]} tokens; the prior has {n_tokens} (use txt_256.pt)")
 
 
 def null_tokens_for(nulls: NullEmbeddings, n_tokens: int) -> Optional[torch.Tensor]:

@@ -107,10 +107,6 @@ class BranchSpec:
         return VARIANT_SOURCE[self.kind]
 
     @property
-    def n_acp(self) -> int:
-        return len(self.acp_sites)
-
-    @property
     def uses_context(self) -> bool:
         """The branch reads the text context (has cross-attention)."""
         return self.config["context_dim"] is not None
@@ -119,11 +115,6 @@ class BranchSpec:
     def uses_y(self) -> bool:
         """The branch reads the UNet's ``y`` (SDXL pooled text + size embedding) through ``label_emb``."""
         return self.config["adm_in_channels"] is not None
-
-    @property
-    def prompt_free(self) -> bool:
-        """Neither text context nor ``y`` reaches the branch (BrushNet SD1.5): cond/uncond rows are equal."""
-        return not (self.uses_context or self.uses_y)
 
     @property
     def base_context_dim(self) -> int:

@@ -23,6 +23,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .layers import AttentionFn, sdpa_attention, torch_ops
+from .regions import feather_ramp, tile_starts
 from .weights import CheckpointFormatError, count_indexed, require_keys, strip_prefix
 
 GN_EPS = 1e-6
@@ -227,25 +228,6 @@ def replace_known(h: torch.Tensor, feats: Mapping[tuple, torch.Tensor], hole: to
 
 
 # -- tiling ------------------------------------------------------------------------------------------------
-def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    if tile >= size:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, size - tile, stride)) + [size - tile]
-    return sorted(set(starts))
-
-
-def _feather(length: int, lo_blend: int, hi_blend: int, device, dtype) -> torch.Tensor:
-    """1-D weights: linear ramps over the overlaps shared with the neighbouring tiles, 1 elsewhere."""
-    w = torch.ones(length, device=device, dtype=dtype)
-    if lo_blend > 0:
-        w[:lo_blend] = torch.arange(1, lo_blend + 1, device=device, dtype=dtype) / (lo_blend + 1)
-    if hi_blend > 0:
-        w[length - hi_blend:] = torch.minimum(
-            w[length - hi_blend:], torch.arange(hi_blend, 0, -1, device=device, dtype=dtype) / (hi_blend + 1))
-    return w
-
-
 def decode_tiled(decode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
                  z: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, factor: int,
                  tile: int, overlap: int, on_tile: Optional[Callable[[], None]] = None) -> torch.Tensor:
@@ -254,7 +236,7 @@ def decode_tiled(decode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], to
     on ``image``'s device; peak memory follows the tile size, not the image size.
     """
     B, _, h, w = z.shape
-    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
     out = torch.zeros(B, 3, h * factor, w * factor, dtype=torch.float32, device=image.device)
     weight = torch.zeros(1, 1, h * factor, w * factor, dtype=torch.float32, device=image.device)
     th, tw = min(tile, h), min(tile, w)
@@ -267,8 +249,8 @@ def decode_tiled(decode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], to
             bottom = (y + th - ys[yi + 1]) * factor if yi + 1 < len(ys) else 0
             left = (xs[xi - 1] + tw - x) * factor if xi > 0 else 0
             right = (x + tw - xs[xi + 1]) * factor if xi + 1 < len(xs) else 0
-            wy = _feather(th * factor, top, bottom, out.device, out.dtype)
-            wx = _feather(tw * factor, left, right, out.device, out.dtype)
+            wy = feather_ramp(th * factor, top, bottom, out.device, out.dtype)
+            wx = feather_ramp(tw * factor, left, right, out.device, out.dtype)
             wt = (wy[:, None] * wx[None, :])[None, None]
             out[sl] += px * wt
             weight[sl] += wt
@@ -278,4 +260,4 @@ def decode_tiled(decode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], to
 
 
 def tile_count(h: int, w: int, tile: int, overlap: int) -> int:
-    return len(_tile_starts(h, tile, overlap)) * len(_tile_starts(w, tile, overlap))
+    return len(tile_starts(h, tile, overlap)) * len(tile_starts(w, tile, overlap))

@@ -14,7 +14,6 @@ weights, where the RefineNet tokens are ``norm1(x)`` of the RefineNet's self-att
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,10 +23,8 @@ import torch
 from torch import nn
 
 from .layers import AttentionFn, sdpa_attention, torch_ops
-from .weights import CheckpointFormatError, count_indexed, strip_prefix
-
-# (ComfyUI block kind, block id, transformer index): ComfyUI's transformer_options["block"] + "block_index"
-Site = tuple[str, int, int]
+from .sites import Site, site_name, site_order
+from .weights import CheckpointFormatError, count_indexed, listing, strip_prefix
 
 UNET_PREFIXES = ("model.diffusion_model.", "model.")
 VAE_PREFIXES = ("first_stage_model.",)
@@ -39,20 +36,11 @@ _IP_RE = re.compile(_SITE + r"to_([kv])_ip\.weight$")
 _ATTN2_Q_RE = re.compile(_SITE + r"to_q\.weight$")
 
 
-def site_of(match: re.Match) -> Site:
+def _matched_site(match: re.Match) -> Site:
+    """The site a checkpoint key matched by ``_SITE`` belongs to."""
     if match.group(3):
         return "middle", 0, int(match.group(4))
     return _BLOCK_KIND[match.group(1)], int(match.group(2)), int(match.group(4))
-
-
-def site_name(site: Site) -> str:
-    """A module-name-safe spelling of a site ("output_3_1")."""
-    return "_".join(str(s) for s in site)
-
-
-def _listing(names, limit=5) -> str:
-    names = list(names)
-    return ", ".join(str(n) for n in names[:limit]) + (f" … ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 @dataclass
@@ -92,7 +80,7 @@ def split_checkpoint(sd: Mapping[str, torch.Tensor], path: str, need_subject: bo
     if not prefix and "input_blocks.0.0.weight" not in sd and not any(k.startswith(REF_PREFIX) for k in sd):
         raise CheckpointFormatError(
             f"{name} is not a LAR-Gen checkpoint: it holds no SDXL UNet (no input_blocks.0.0.weight under "
-            f"{' / '.join(UNET_PREFIXES)} or at the top level). Found keys: {_listing(sorted(sd))}")
+            f"{' / '.join(UNET_PREFIXES)} or at the top level). Found keys: {listing(sorted(sd))}")
     unet = strip_prefix(sd, prefix) if prefix else {k: v for k, v in sd.items()
                                                      if not k.startswith(VAE_PREFIXES + TEXT_PREFIXES)}
     refinenet = {k[len(REF_PREFIX):]: unet.pop(k) for k in [k for k in unet if k.startswith(REF_PREFIX)]}
@@ -101,7 +89,7 @@ def split_checkpoint(sd: Mapping[str, torch.Tensor], path: str, need_subject: bo
         m = _IP_RE.match(k)
         if m is None:
             raise CheckpointFormatError(f"{name}: unexpected subject-projection tensor {k}")
-        (ip_k if m.group(5) == "k" else ip_v)[site_of(m)] = unet.pop(k)
+        (ip_k if m.group(5) == "k" else ip_v)[_matched_site(m)] = unet.pop(k)
     for k in [k for k in refinenet if "_ip." in k]:      # the RefineNet is a copy of the UNet: its unused copies
         refinenet.pop(k)
     carries = tuple(what for what, pre in (("VAE", VAE_PREFIXES), ("text encoders", TEXT_PREFIXES))
@@ -123,7 +111,7 @@ def split_checkpoint(sd: Mapping[str, torch.Tensor], path: str, need_subject: bo
     for k, t in unet.items():
         m = _ATTN2_Q_RE.match(k)
         if m:
-            sites[site_of(m)] = t.shape[0]
+            sites[_matched_site(m)] = t.shape[0]
     if not ip_k and not ip_v:
         raise CheckpointFormatError(
             f"{name} is an SDXL inpainting UNet without LAR-Gen's subject projections (no attn2.to_k_ip / "
@@ -133,14 +121,14 @@ def split_checkpoint(sd: Mapping[str, torch.Tensor], path: str, need_subject: bo
     if missing or stray:
         raise CheckpointFormatError(
             f"{name}: subject projections do not match the cross-attention layers: "
-            + "; ".join(p for p in (f"missing for {len(missing)} of {len(sites)} layers ({_listing(missing)})" if missing else "",
-                                     f"{len(stray)} without a layer ({_listing(stray)})" if stray else "") if p))
+            + "; ".join(p for p in (f"missing for {len(missing)} of {len(sites)} layers ({listing(missing)})" if missing else "",
+                                     f"{len(stray)} without a layer ({listing(stray)})" if stray else "") if p))
     ctx = unet[next(k for k in unet if k.endswith("attn2.to_k.weight"))].shape[1]
     for s, ch in sites.items():
         for which, t in (("to_k_ip", ip_k[s]), ("to_v_ip", ip_v[s])):
             if tuple(t.shape) != (ch, ctx):
                 raise CheckpointFormatError(f"{name}: {which} at {s} has shape {tuple(t.shape)}; expected {(ch, ctx)}")
-    out.ip = {s: (ip_k[s], ip_v[s]) for s in sorted(sites, key=_site_order)}
+    out.ip = {s: (ip_k[s], ip_v[s]) for s in sorted(sites, key=site_order)}
     return out
 
 
@@ -167,10 +155,10 @@ def projections_from_text(unet: Mapping[str, torch.Tensor]) -> dict:
     for k in unet:
         m = _ATTN2_Q_RE.match(k)
         if m:
-            site = site_of(m)
+            site = _matched_site(m)
             p = f"{site_prefix(site)}.attn2."
             out[site] = (unet[p + "to_k.weight"].clone(), unet[p + "to_v.weight"].clone())
-    return {s: out[s] for s in sorted(out, key=_site_order)}
+    return {s: out[s] for s in sorted(out, key=site_order)}
 
 
 RESAMPLER_KEY = "conditioner.embedders.0.image_proj_model."
@@ -194,10 +182,6 @@ def refinenet_file(refinenet: Mapping[str, torch.Tensor], projector: Mapping[str
     sd = {REF_PREFIX + k: v for k, v in refinenet.items()}
     sd.update({f"patch_projector.{k}": v for k, v in projector.items()})
     return sd
-
-
-def _site_order(site: Site):
-    return {"input": 0, "middle": 1, "output": 2}[site[0]], site[1], site[2]
 
 
 # -- the IP-Adapter-Plus resampler (image_proj) ----------------------------------------------------------
@@ -233,7 +217,7 @@ def read_image_proj(obj, path: str) -> dict:
                 f"{name} is a plain IP-Adapter (a linear image projection to a few tokens). LAR-Gen uses the Plus "
                 "resampler (16 tokens from CLIP patch features): ip-adapter-plus_sdxl_vit-h.bin")
         raise CheckpointFormatError(
-            f"{name} holds no IP-Adapter-Plus resampler (no image_proj.latents). Found keys: {_listing(sorted(sd))}. "
+            f"{name} holds no IP-Adapter-Plus resampler (no image_proj.latents). Found keys: {listing(sorted(sd))}. "
             "Expected ip-adapter-plus_sdxl_vit-h.bin (or a safetensors copy)")
     return sd
 
@@ -249,7 +233,7 @@ def resampler_config(sd: Mapping[str, torch.Tensor], path: str) -> ResamplerConf
                               ff_mult=sd["layers.0.1.1.weight"].shape[0] // dim)
     except (KeyError, ValueError) as e:
         raise CheckpointFormatError(f"{name}: incomplete IP-Adapter-Plus resampler ({e!s}); found keys "
-                                    f"{_listing(sorted(sd))}") from e
+                                    f"{listing(sorted(sd))}") from e
     if inner % RESAMPLER_HEAD_DIM:
         raise CheckpointFormatError(f"{name}: resampler attention width {inner} is not a multiple of 64")
     return cfg
@@ -304,6 +288,39 @@ class Resampler(nn.Module):
         return self.norm_out(self.proj_out(latents))
 
 
+class SubjectAdapterNet(nn.Module):
+    """The IP-Adapter-Plus resampler and the per-site subject projections (``to_k_ip`` / ``to_v_ip``, module names
+    spelt by :func:`models.sites.site_name`)."""
+
+    def __init__(self, rcfg: ResamplerConfig, sites: dict, context_dim: int, dtype=None, device=None,
+                 operations=torch_ops, attention: AttentionFn = sdpa_attention):
+        super().__init__()
+        self.resampler = Resampler(rcfg, dtype=dtype, device=device, operations=operations, attention=attention)
+        self.sites = tuple(sites)
+
+        def lin(ch):
+            return operations.Linear(context_dim, ch, bias=False, dtype=dtype, device=device)
+
+        self.to_k_ip = nn.ModuleDict({site_name(s): lin(ch) for s, ch in sites.items()})
+        self.to_v_ip = nn.ModuleDict({site_name(s): lin(ch) for s, ch in sites.items()})
+
+    @property
+    def dtype(self):
+        return self.resampler.latents.dtype
+
+    def project(self, tokens: torch.Tensor) -> dict:
+        """[S, 16, 2048] -> {site: (K_ip [S, 16, C], V_ip [S, 16, C])}."""
+        return {s: (self.to_k_ip[site_name(s)](tokens), self.to_v_ip[site_name(s)](tokens)) for s in self.sites}
+
+
+def subject_adapter_state_dict(resampler: Mapping[str, torch.Tensor], ip: Mapping[Site, tuple]) -> dict:
+    """A resampler's tensors and the subject projections under SubjectAdapterNet's names."""
+    sd = {f"resampler.{k}": v for k, v in resampler.items()}
+    for s, (k, v) in ip.items():
+        sd[f"to_k_ip.{site_name(s)}.weight"], sd[f"to_v_ip.{site_name(s)}.weight"] = k, v
+    return sd
+
+
 # -- attention arithmetic --------------------------------------------------------------------------------
 def decoupled_attention(text_out: torch.Tensor, q: torch.Tensor, k_ip: torch.Tensor, v_ip: torch.Tensor,
                         heads: int, weight: float, attention: AttentionFn = sdpa_attention,
@@ -318,20 +335,3 @@ def decoupled_attention(text_out: torch.Tensor, q: torch.Tensor, k_ip: torch.Ten
     return text_out + image * weight if weight != 1 else text_out + image
 
 
-def with_reference_tokens(n: torch.Tensor, context: torch.Tensor, value: torch.Tensor,
-                          reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Self-attention over ``[own tokens ; reference tokens]``: queries stay ``n``, keys and values (both taken
-    through the layer's own to_k / to_v later) get the reference tokens appended. reference: [B, M, C]."""
-    ref = reference.to(context.dtype)
-    return n, torch.cat([context, ref], dim=1), torch.cat([value, ref], dim=1)
-
-
-def latent_grid(tokens: int, height: int, width: int) -> tuple[int, int]:
-    """The (h, w) of a UNet level with ``tokens`` positions, for a latent of height x width (each level halves,
-    rounding up, as a stride-2 conv with padding 1 does)."""
-    h, w = height, width
-    while h * w > tokens and (h > 1 or w > 1):
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-    if h * w == tokens:
-        return h, w
-    raise ValueError(f"cannot place {tokens} attention tokens on a {width}x{height} latent")

@@ -33,3 +33,12 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
         mask = mask.unsqueeze(1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(b, lq, inner)
+
+
+def with_reference_tokens(n: torch.Tensor, context: torch.Tensor, value: torch.Tensor,
+                          reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Self-attention over ``[own tokens ; reference tokens]`` (an ``attn1_patch``'s return): queries stay ``n``, keys
+    and values (both taken through the layer's own to_k / to_v later) get the reference tokens appended.
+    reference: [B, M, C]. LAR-Gen's RefineNet tokens and Patch-Adapter's weight-free reference route both use it."""
+    ref = reference.to(context.dtype)
+    return n, torch.cat([context, ref], dim=1), torch.cat([value, ref], dim=1)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .regions import bounding_box
+
 PAINTER_KINDS = ("box", "irregular", "segmentation")
 PAINTER_THRESHOLDS = (0.25, 0.75)     # eq. 6: box if k <= 0.25, irregular if k <= 0.75, else segmentation
 
@@ -60,21 +62,13 @@ def _randint(g: torch.Generator, lo: int, hi: int) -> int:
     return int(torch.randint(lo, hi + 1, (), generator=g))
 
 
-def bounding_box(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
-    """(top, left, bottom, right), bottom/right exclusive, of the non-zero pixels; None when there are none."""
-    rows, cols = mask.any(dim=1).nonzero(), mask.any(dim=0).nonzero()
-    if rows.numel() == 0:
-        return None
-    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
-
-
 def box_mask(seg: torch.Tensor, g: torch.Generator, settings: PainterMaskSettings = PainterMaskSettings()):
     """m_box: the bounding box of ``seg``, each side moved out by a random fraction of the box's extent."""
     seg = _check(seg)
     box = bounding_box(seg)
     if box is None:
         return seg
-    t, l, b, r = box
+    t, b, l, r = box
     H, W = seg.shape
     bh, bw = b - t, r - l
     t = max(0, t - round(_uniform(g, 0, settings.box_expand) * bh))
@@ -155,16 +149,17 @@ def irregular_mask(seg: torch.Tensor, g: torch.Generator, settings: PainterMaskS
     return out
 
 
+# PAINTER_KINDS[i] -> draw(seg, g, settings)
+_PAINTER_DRAW = dict(zip(PAINTER_KINDS, (box_mask, irregular_mask, lambda seg, g, settings: _check(seg))))
+
+
 def kind_mask(seg: torch.Tensor, kind: str, g: torch.Generator,
               settings: PainterMaskSettings = PainterMaskSettings()) -> torch.Tensor:
     """The mask of one kind in :data:`PAINTER_KINDS` drawn from ``seg``."""
-    if kind == "box":
-        return box_mask(seg, g, settings)
-    if kind == "irregular":
-        return irregular_mask(seg, g, settings)
-    if kind == "segmentation":
-        return _check(seg)
-    raise ValueError(f"mask kind must be one of {', '.join(PAINTER_KINDS)}; got {kind!r}")
+    draw = _PAINTER_DRAW.get(kind)
+    if draw is None:
+        raise ValueError(f"mask kind must be one of {', '.join(PAINTER_KINDS)}; got {kind!r}")
+    return draw(seg, g, settings)
 
 
 def painter_mask(seg: torch.Tensor, g: torch.Generator, settings: PainterMaskSettings = PainterMaskSettings()):
@@ -265,7 +260,7 @@ def object_mask(shape: torch.Tensor, H: int, W: int, g: torch.Generator) -> torc
     box = bounding_box(shape)
     if box is None:
         raise ValueError("the object shape is empty")
-    t, l, b, r = box
+    t, b, l, r = box
     obj = shape[t:b, l:r]
     scale = min(1.0, H / obj.shape[0], W / obj.shape[1])
     if scale < 1:
@@ -293,16 +288,26 @@ def regular_mask(H: int, W: int, g: torch.Generator, s: AsukaMaskSettings = Asuk
 def asuka_kind_mask(kind: str, H: int, W: int, g: torch.Generator, shape: torch.Tensor | None = None,
                     s: AsukaMaskSettings = AsukaMaskSettings()) -> torch.Tensor:
     """One draw of a basis kind (no ratio control). ``shape``: the object shape for ``object`` (else an ellipse)."""
-    if kind == "object":
-        m = object_mask(shape if shape is not None and shape.max() > 0.5 else random_blob(H, W, g), H, W, g)
-        if _uniform(g) < s.object_with_irregular:
-            m = torch.maximum(m, lama_mask(H, W, g, s) if _uniform(g) < 0.5 else comod_mask(H, W, g, s))
-        return m
-    if kind == "irregular":
-        return lama_mask(H, W, g, s) if _uniform(g) < 0.5 else comod_mask(H, W, g, s)
-    if kind == "regular":
-        return regular_mask(H, W, g, s)
-    raise ValueError(f"ASUKA mask kind must be one of {', '.join(ASUKA_KINDS)}; got {kind!r}")
+    draw = _ASUKA_DRAW.get(kind)
+    if draw is None:
+        raise ValueError(f"ASUKA mask kind must be one of {', '.join(ASUKA_KINDS)}; got {kind!r}")
+    return draw(H, W, g, shape, s)
+
+
+def _object_kind(H: int, W: int, g: torch.Generator, shape, s: AsukaMaskSettings) -> torch.Tensor:
+    m = object_mask(shape if shape is not None and shape.max() > 0.5 else random_blob(H, W, g), H, W, g)
+    if _uniform(g) < s.object_with_irregular:
+        m = torch.maximum(m, _irregular_kind(H, W, g, shape, s))
+    return m
+
+
+def _irregular_kind(H: int, W: int, g: torch.Generator, shape, s: AsukaMaskSettings) -> torch.Tensor:
+    return lama_mask(H, W, g, s) if _uniform(g) < 0.5 else comod_mask(H, W, g, s)
+
+
+# ASUKA_KINDS[i] -> draw(H, W, g, shape, settings)
+_ASUKA_DRAW = dict(zip(ASUKA_KINDS, (_object_kind, _irregular_kind,
+                                     lambda H, W, g, shape, s: regular_mask(H, W, g, s))))
 
 
 def asuka_mask(H: int, W: int, g: torch.Generator, shape: torch.Tensor | None = None,

@@ -18,10 +18,7 @@ and without them the patch's keys/values are extended with ``R`` through the lay
 (``Attn(Q, [z; R] W_K, [z; R] W_V)``), so the stage works with no trained weights.
 
 No code or weights were released; the paper gives the equations above and nothing about patch placement or
-blending. Our choices (written down in the README too): a latent-aligned grid with at least ``overlap`` pixels
-between neighbours, only patches meeting the mask dilated by ``overlap``; the hole initialised from the reference
-resized to full resolution (bicubic); patch results blended with weights that ramp linearly over the overlap on
-every side that has a neighbour and are normalised to sum to one; pixels outside the mask returned unchanged.
+blending. Our choices are listed once, in ``docs/patch_adapter_format.md`` ("What the paper leaves open").
 """
 from __future__ import annotations
 
@@ -33,12 +30,12 @@ from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .layers import AttentionFn, sdpa_attention
-from .weights import CheckpointFormatError
-
-# (ComfyUI block kind, block id, transformer index): transformer_options["block"] + "block_index"
-Site = tuple[str, int, int]
+from .layers import AttentionFn, sdpa_attention, torch_ops
+from .regions import feather_ramp, tile_starts
+from .sites import Site, site_name
+from .weights import CheckpointFormatError, listing
 
 FORMAT = "consistent_inpaint.patch_adapter"
 FORMAT_VERSION = "1"
@@ -52,11 +49,6 @@ _STAGE_PARTS = {"dca": {"to_q.weight", "to_k.weight", "to_v.weight"}, "rpa": {"t
 def site_key(site: Site) -> str:
     """The spelling of a site inside the file: ``input.4.0`` (block kind, block id, transformer index)."""
     return ".".join(str(s) for s in site)
-
-
-def _listing(names, limit=5) -> str:
-    names = list(names)
-    return ", ".join(str(n) for n in names[:limit]) + (f" … ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 # -- the file format ---------------------------------------------------------------------------------------
@@ -98,7 +90,7 @@ def parse_patch_adapter(sd: Mapping[str, torch.Tensor], path: str,
     if unknown:
         raise CheckpointFormatError(
             f"{name} is not a Patch-Adapter file: {len(unknown)} tensors are not named dca.<site>.to_q/to_k/to_v.weight "
-            f"or rpa.<site>.to_k/to_v.weight/gate ({_listing(sorted(unknown))}). See docs/patch_adapter_format.md")
+            f"or rpa.<site>.to_k/to_v.weight/gate ({listing(sorted(unknown))}). See docs/patch_adapter_format.md")
     if not groups["dca"] and not groups["rpa"]:
         raise CheckpointFormatError(f"{name} holds no Patch-Adapter tensors (no dca.* or rpa.* keys)")
     for stage, parts in (("dca", DCA_PARTS), ("rpa", RPA_PARTS)):
@@ -142,6 +134,28 @@ def adapter_state_dict(weights: AdapterWeights) -> tuple[dict, dict]:
     return sd, meta
 
 
+class PatchAdapterNet(nn.Module):
+    """The adapter's projections as Linear layers of ``operations`` (module names: ``dca.<site>.to_q`` …, sites spelt
+    by :func:`models.sites.site_name`)."""
+
+    def __init__(self, weights: AdapterWeights, dtype=None, device=None, operations=torch_ops, attention=None):
+        super().__init__()
+
+        def lin(w):
+            return operations.Linear(w.shape[1], w.shape[0], bias=False, dtype=dtype, device=device)
+
+        self.dca = nn.ModuleDict({site_name(s): nn.ModuleDict({p: lin(w[p]) for p in DCA_PARTS})
+                                  for s, w in weights.dca.items()})
+        self.rpa = nn.ModuleDict({site_name(s): nn.ModuleDict({p: lin(w[p]) for p in ("to_k", "to_v")})
+                                  for s, w in weights.rpa.items()})
+
+
+def net_state_dict(weights: AdapterWeights) -> dict:
+    """The projections of an adapter file under PatchAdapterNet's names (the gates stay in the file's dict)."""
+    return {f"{stage}.{site_name(s)}.{p}.weight": t for stage in ("dca", "rpa")
+            for s, w in getattr(weights, stage).items() for p, t in w.items() if p != "gate"}
+
+
 # -- the two equations -------------------------------------------------------------------------------------
 Projection = Callable[[torch.Tensor], torch.Tensor]
 
@@ -164,14 +178,6 @@ def reference_patch_term(q: torch.Tensor, reference: torch.Tensor, w_k: Projecti
     """Patch-Adapter RPA: ``Attn(Q, R W_k, R W_v)``. q: [B, N, D]; reference: [B, M, C] the reference tokens at this
     layer. The caller adds it times ``tanh(gate)``."""
     return attention(q, w_k(reference).to(q.dtype), w_v(reference).to(q.dtype), heads)
-
-
-def extend_with_reference(n: torch.Tensor, context: torch.Tensor, value: torch.Tensor,
-                          reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The weight-free route: self-attention keys/values become ``[own tokens ; reference tokens]`` (both taken
-    through the layer's own to_k / to_v later); queries stay ``n``. reference: [B, M, C]."""
-    ref = reference.to(context.dtype)
-    return n, torch.cat([context, ref], dim=1), torch.cat([value, ref], dim=1)
 
 
 # -- planning the patches ----------------------------------------------------------------------------------
@@ -198,19 +204,6 @@ class PatchPlan:
     patch_w: int
     grid: tuple            # every PatchBox of the grid
     selected: tuple        # the ones the mask needs, in raster order
-
-
-def axis_starts(size: int, patch: int, overlap: int, align: int) -> list[int]:
-    """Starts of patches along one axis: ``align``-multiples, neighbours overlapping by at least ``overlap``, the last
-    one flush with the end. ``size`` and ``patch`` are multiples of ``align`` and patch <= size."""
-    if patch >= size:
-        return [0]
-    stride = (patch - overlap) // align * align
-    if stride <= 0:
-        raise ValueError(f"overlap {overlap} leaves no stride for patch {patch} at alignment {align}")
-    starts = list(range(0, size - patch, stride))
-    starts.append(size - patch)
-    return starts
 
 
 def check_patch_settings(patch_size: int, overlap: int, align: int) -> None:
@@ -248,8 +241,8 @@ def plan_patches(mask: torch.Tensor, patch_size: int, overlap: int, align: int, 
     H, W = padded_size(H0, W0, align)
     check_patch_settings(patch_size, overlap, align)
     ph, pw = min(patch_size, H), min(patch_size, W)
-    grid = tuple(PatchBox(y, x, ph, pw) for y in axis_starts(H, ph, overlap, align)
-                 for x in axis_starts(W, pw, overlap, align))
+    grid = tuple(PatchBox(y, x, ph, pw) for y in tile_starts(H, ph, overlap, align)
+                 for x in tile_starts(W, pw, overlap, align))
     r = overlap if dilate is None else dilate
     unit = align if r % align == 0 else 1
     hit = mask > 0
@@ -283,25 +276,11 @@ def union_box(boxes) -> PatchBox:
 
 
 # -- blending ----------------------------------------------------------------------------------------------
-def _ramp(length: int, lo_edge: bool, hi_edge: bool, overlap: int) -> torch.Tensor:
-    """1 in the middle, rising linearly over ``overlap`` pixels from the sides that have a neighbour; > 0 everywhere."""
-    w = torch.ones(length)
-    if overlap <= 0:
-        return w
-    up = torch.arange(1, overlap + 1, dtype=torch.float32) / (overlap + 1)
-    n = min(overlap, length)
-    if not lo_edge:
-        w[:n] = torch.minimum(w[:n], up[:n])
-    if not hi_edge:
-        w[length - n:] = torch.minimum(w[length - n:], up[:n].flip(0))
-    return w
-
-
 def patch_weights(box: PatchBox, height: int, width: int, overlap: int) -> torch.Tensor:
     """[h, w] blending weights of a patch: ramps over ``overlap`` on the sides inside the image, flat at the image
     border (nothing there to blend with)."""
-    wy = _ramp(box.h, box.y0 == 0, box.y0 + box.h >= height, overlap)
-    wx = _ramp(box.w, box.x0 == 0, box.x0 + box.w >= width, overlap)
+    wy = feather_ramp(box.h, 0 if box.y0 == 0 else overlap, 0 if box.y0 + box.h >= height else overlap)
+    wx = feather_ramp(box.w, 0 if box.x0 == 0 else overlap, 0 if box.x0 + box.w >= width else overlap)
     return wy[:, None] * wx[None, :]
 
 
@@ -334,13 +313,6 @@ class PatchCanvas:
         ys, xs = self._local(box)
         ws = self.wsum[:, ys, xs]
         return torch.where(ws > 0, self.acc[:, ys, xs] / ws.clamp_min(1e-12), fallback)
-
-    def covered(self) -> torch.Tensor:
-        """[H, W] bool over the whole image."""
-        out = torch.zeros(self.height, self.width, dtype=torch.bool)
-        r = self.region
-        out[r.y0:r.y0 + r.h, r.x0:r.x0 + r.w] = self.wsum[0] > 0
-        return out
 
     def composite_into(self, out: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, band: int = 256) -> None:
         """Writes ``image · (1 − m) + blend · m`` where the mask ([H, W], soft) is > 0 into ``out`` ([H, W, C], the

@@ -33,9 +33,6 @@ TASKS = {
     "shape-guided": (("P_shape", "P_ctxt"), ("P_shape", "P_ctxt")),
 }
 
-# The words the authors' demo appends to the user's (UNet) prompt for a task.
-UNET_PROMPT_SUFFIX = {"object-removal": "empty scene blur", "outpainting": "empty scene"}
-
 CLIP_L_LAYERS = 12
 CLIP_L_WIDTH = 768
 

@@ -169,8 +169,11 @@ def require_keys(sd: Mapping[str, Any], keys: Iterable[str], what: str, path: st
             f"{' …' if len(missing) > 4 else ''}. Found keys: {found}")
 
 
-def _listing(names: list[str], limit: int = 6) -> str:
-    return ", ".join(names[:limit]) + (f" … ({len(names) - limit} more)" if len(names) > limit else "")
+def listing(names, limit: int = 5) -> str:
+    """The first ``limit`` names and how many more (for errors that quote a file's keys)."""
+    names = list(names)
+    more = f" … ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(str(n) for n in names[:limit]) + more
 
 
 def check_tensors(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], path: str, what: str,
@@ -184,9 +187,9 @@ def check_tensors(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple],
     if missing or extra:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} tensors ({_listing(missing)})")
+            parts.append(f"missing {len(missing)} tensors ({listing(missing, 6)})")
         if extra:
-            parts.append(f"{len(extra)} unexpected tensors ({_listing(extra)})")
+            parts.append(f"{len(extra)} unexpected tensors ({listing(extra, 6)})")
         raise CheckpointFormatError(f"{name} does not match {what}: {'; '.join(parts)}")
     bad = [(k, tuple(sd[k].shape), want) for k, want in expected.items() if tuple(sd[k].shape) != tuple(want)]
     if bad:

@@ -14,13 +14,24 @@ Ours differs where that loses information (documented in the node help):
 """
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-PADDING_MODES = ("edge", "zero")
+from .regions import Box, bounding_box
+
+
+
+class Padding(str, enum.Enum):
+    """How the square is filled where the image is narrower than it."""
+    EDGE = "edge"          # repeat the edge pixels (ours)
+    ZERO = "zero"          # black (the authors)
+
+
+_PAD_MODE = {Padding.EDGE: "replicate", Padding.ZERO: "constant"}       # -> torch.nn.functional.pad's mode
 
 
 @dataclass(frozen=True)
@@ -44,14 +55,6 @@ class CropInfo:
     resolution: int              # the square size the crops were resized to
 
 
-def mask_bbox(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
-    """Half-open (y0, y1, x0, x1) of the non-zero pixels of a [H, W] mask, or None when it is empty."""
-    rows, cols = torch.nonzero(mask.any(dim=1)), torch.nonzero(mask.any(dim=0))
-    if rows.numel() == 0:
-        return None
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-
-
 def _span(lo: int, hi: int, side: int, size: int) -> tuple[int, int, int, int]:
     """A window of ``side`` containing [lo, hi), centred on it, shifted inside [0, size) when it fits;
     -> (start, stop, pad_before, pad_after) in image coordinates plus padding."""
@@ -64,7 +67,7 @@ def _span(lo: int, hi: int, side: int, size: int) -> tuple[int, int, int, int]:
     return 0, size, before // 2, before - before // 2   # the image is narrower than the square: pad it
 
 
-def zoom_box(bbox: tuple[int, int, int, int], height: int, width: int, context_factor: float) -> CropBox:
+def zoom_box(bbox: Box, height: int, width: int, context_factor: float) -> CropBox:
     y0, y1, x0, x1 = bbox
     side = max(1, math.ceil(max(y1 - y0, x1 - x0) * context_factor))
     sy, ey, pt, pb = _span(y0, y1, side, height)
@@ -78,29 +81,30 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
 
 
-def _pad(x: torch.Tensor, pad: tuple[int, int, int, int], mode: str) -> torch.Tensor:
+def _pad(x: torch.Tensor, pad: tuple[int, int, int, int], mode: Padding) -> torch.Tensor:
     t, b, l, r = pad
     if not any(pad):
         return x
-    return F.pad(x, (l, r, t, b), mode="replicate" if mode == "edge" else "constant")
+    return F.pad(x, (l, r, t, b), mode=_PAD_MODE[mode])
 
 
 def crop_to_mask(image: torch.Tensor, mask: torch.Tensor, context_factor: float, resolution: int,
-                 padding: str = "edge") -> tuple[torch.Tensor, torch.Tensor, CropInfo]:
+                 padding: str = Padding.EDGE) -> tuple[torch.Tensor, torch.Tensor, CropInfo]:
     """image [B,3,H,W] in [0,1], mask [B,1,H,W] in [0,1] (1 = inpaint; same batch) -> (crops [B,3,R,R],
     crop masks [B,1,R,R] binary (resized, > 0.5, as the authors), CropInfo)."""
-    if padding not in PADDING_MODES:
-        raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+    if padding not in {p.value for p in Padding}:
+        raise ValueError(f"padding must be one of {', '.join(p.value for p in Padding)}, got {padding!r}")
+    padding = Padding(padding)
     B, _, H, W = image.shape
     crops, masks, boxes = [], [], []
     for i in range(B):
-        bbox = mask_bbox(mask[i, 0] > 0)
+        bbox = bounding_box(mask[i, 0] > 0)
         if bbox is None:
             raise ValueError(f"mask {i} of the batch is empty: there is nothing to crop to; paint the area to inpaint")
         box = zoom_box(bbox, H, W, context_factor)
         win = (slice(None), slice(box.y0, box.y1), slice(box.x0, box.x1))
         img = _pad(image[i:i + 1][(slice(None),) + win], box.pad, padding)
-        m = _pad(mask[i:i + 1][(slice(None),) + win], box.pad, "zero")
+        m = _pad(mask[i:i + 1][(slice(None),) + win], box.pad, Padding.ZERO)
         crops.append(_resize(img, resolution).clamp(0, 1))
         masks.append((F.interpolate(m, size=(resolution, resolution), mode="bilinear", antialias=True,
                                     align_corners=False) > 0.5).to(image.dtype))
@@ -159,7 +163,7 @@ def prepare_subject(image: torch.Tensor, mask: torch.Tensor | None, margin: floa
     out = []
     for i in range(image.shape[0]):
         m = mask[min(i, mask.shape[0] - 1):][:1]
-        bbox = mask_bbox(m[0, 0] > 0.5)
+        bbox = bounding_box(m[0, 0] > 0.5)
         if bbox is None:
             raise ValueError(f"subject mask {i} is empty; it must cover the subject (1 = subject)")
         y0, y1, x0, x1 = bbox

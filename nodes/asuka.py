@@ -1,13 +1,13 @@
 """ASUKA nodes: MAE-prior conditioning and the harmonizing decoder."""
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from comfy_api.latest import io
 
 import comfy.model_management as mm
 import comfy.utils
@@ -15,15 +15,22 @@ import comfy.utils
 from ..models import asuka
 from ..models.harmonizing_decoder import decode_tiled, tile_count
 from ..models.harmonizing_stream import StreamingDecode
-from .common import (Precision, bchw_to_image, comfy_build_kwargs, image_to_bchw, mask_to_b1hw, match_image_mask,
-                     model_files, model_path, resolve_dtype, wrap_patcher)
+from . import comfy_compat as compat
+from .common import Precision, model_files, model_path, resolve_dtype, wrap_patcher
+from .comfy_compat import io
+from .layout import bchw_to_image, centre_crop_to_multiple, image_and_mask, match_batches
 
 log = logging.getLogger(__name__)
 CATEGORY = "inpaint/consistent/ASUKA"
 AsukaPriorType = io.Custom("ASUKA_PRIOR")
-EXACT, INDEPENDENT = "exact", "independent"
-TILING = (EXACT, INDEPENDENT)
 DecoderType = io.Custom("HARMONIZING_DECODER")
+OOM_TILE = 1024          # px: the exact tiles a whole-image decode falls back to when it runs out of GPU memory
+MIN_TILE = 64            # px: the smallest tile (the input's step)
+
+
+class Tiling(str, enum.Enum):
+    EXACT = "exact"                  # equals the whole-image decode (models/harmonizing_stream.py)
+    INDEPENDENT = "independent"      # each tile decoded on its own and blended (models/harmonizing_decoder.py)
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,7 @@ class ASUKALoader(io.ComfyNode):
     @classmethod
     def execute(cls, mae, alignment, alignment_pooled, null_tokens, null_pooled, dtype=Precision.AUTO.value):
         device, offload = mm.text_encoder_device(), mm.text_encoder_offload_device()
-        kw = comfy_build_kwargs(device)
+        kw = compat.build_kwargs(device)
         dt = resolve_dtype(dtype, device)
         mae_m = asuka.load_mae(model_path("asuka", mae), dt, **kw)
         tok_m = asuka.load_alignment(model_path("asuka", alignment), dt, **kw)
@@ -128,7 +135,7 @@ class ASUKAConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, asuka_prior, image, mask, condition_weight):
-        img, m = match_image_mask(image_to_bchw(image), mask_to_b1hw(mask))
+        img, m = image_and_mask(image, mask)
         tokens, pooled, preview = asuka_prior.encode(img, m, condition_weight)
         extra = {} if pooled is None else {"pooled_output": pooled}
         preview = F.interpolate(preview, size=img.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
@@ -152,7 +159,7 @@ class HarmonizingDecoderLoader(io.ComfyNode):
     def execute(cls, decoder, dtype=Precision.AUTO.value):
         device, offload = mm.vae_device(), mm.vae_offload_device()
         module = asuka.load_decoder(model_path("asuka", decoder), resolve_dtype(dtype, device),
-                                    **comfy_build_kwargs(device))
+                                    **compat.build_kwargs(device))
         return io.NodeOutput(HarmonizingDecoder(wrap_patcher(module, device, offload)))
 
 
@@ -161,11 +168,11 @@ def crop_to_latent(x: torch.Tensor, h: int, w: int, name: str) -> torch.Tensor:
     H, W = x.shape[-2:]
     if (H, W) == (h, w):
         return x
-    if H // 8 * 8 != h or W // 8 * 8 != w:
+    cropped = centre_crop_to_multiple(x) if min(H, W) >= 8 else x
+    if tuple(cropped.shape[-2:]) != (h, w):
         raise ValueError(f"the latent decodes to {w}x{h} but {name} is {W}x{H}; pass the image the latent was "
                          "made from (same size, or the same rounded down to a multiple of 8)")
-    oy, ox = (H % 8) // 2, (W % 8) // 2
-    return x[..., oy:oy + h, ox:ox + w]
+    return cropped
 
 
 class HarmonizingDecode(io.ComfyNode):
@@ -186,7 +193,7 @@ class HarmonizingDecode(io.ComfyNode):
                                      "1024 px tiles on out-of-memory)"),
                 io.Int.Input("overlap", default=64, min=0, max=1024, step=8,
                              tooltip="Tile overlap in pixels, blended linearly (independent tiling only)"),
-                io.Combo.Input("tiling", options=list(TILING), default=EXACT, optional=True,
+                io.Combo.Input("tiling", options=Tiling, default=Tiling.EXACT, optional=True,
                                tooltip="exact: equals the whole-image decode (GroupNorm statistics and attention "
                                        "shared across tiles; feature maps kept in system RAM). independent: each "
                                        "tile decoded on its own and blended (least memory, not identical)"),
@@ -196,15 +203,15 @@ class HarmonizingDecode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, tile_size, overlap, tiling=None, **kwargs):
-        if tile_size and tile_size < 64:
-            return "tile_size must be 0 (whole image) or at least 64 pixels"
-        if tile_size and tiling == INDEPENDENT and overlap >= tile_size:
+        if tile_size and tile_size < MIN_TILE:
+            return f"tile_size must be 0 (whole image) or at least {MIN_TILE} pixels"
+        if tile_size and tiling == Tiling.INDEPENDENT and overlap >= tile_size:
             return f"overlap ({overlap}) must be smaller than tile_size ({tile_size})"
         return True
 
     @classmethod
     @torch.no_grad()
-    def execute(cls, samples, decoder, image, mask, tile_size, overlap, tiling=EXACT):
+    def execute(cls, samples, decoder, image, mask, tile_size, overlap, tiling=Tiling.EXACT):
         z = samples["samples"]
         if z.ndim != 4:
             raise ValueError(f"samples must be an image latent [B,C,h,w]; got shape {tuple(z.shape)}")
@@ -216,47 +223,53 @@ class HarmonizingDecode(io.ComfyNode):
             raise ValueError("samples contain NaN or infinite values")
         f = cfg.factor
         h, w = z.shape[-2] * f, z.shape[-1] * f
-        img, m = match_image_mask(image_to_bchw(image), mask_to_b1hw(mask))
+        img, m = image_and_mask(image, mask)
         img, m = crop_to_latent(img, h, w, "image"), crop_to_latent(m, h, w, "mask")
-        B = z.shape[0]
-        if img.shape[0] != B:
-            if img.shape[0] == 1:
-                img, m = img.expand(B, -1, -1, -1), m.expand(B, -1, -1, -1)
-            elif B == 1:
-                z = z.expand(img.shape[0], -1, -1, -1)
-            else:
-                raise ValueError(f"latent batch is {B} but image batch is {img.shape[0]}")
+        z, img = match_batches(z, img, ("latent", "image"))
+        _, m = match_batches(z, m, ("latent", "mask"))
         mm.load_models_gpu(decoder.models())
         out = harmonized_decode(decoder.patcher, z, img * 2 - 1, m, tile_size, overlap, tiling)
         return io.NodeOutput(bchw_to_image(out))
 
 
-def harmonized_decode(patcher, z, image, mask, tile_size: int, overlap: int, tiling: str = EXACT) -> torch.Tensor:
+def _run_on(patcher):
+    """decode(z, image, mask) on the decoder's device -> float32."""
+    device = patcher.load_device
+    return lambda z, image, mask: patcher.model(z.to(device), image.to(device), mask.to(device)).float()
+
+
+def _decode_exact(patcher, z, image, mask, tile_size: int, overlap: int) -> torch.Tensor:
+    """Layer-synchronous tiles (models/harmonizing_stream.py): equals the whole-image decode."""
+    stream = StreamingDecode(patcher.model, patcher.load_device, patcher.offload_device, tile_size)
+    pbar = comfy.utils.ProgressBar(stream.tile_passes(z.shape[-2], z.shape[-1]))
+    stream.on_step = lambda: pbar.update(1)
+    return stream(z, image, mask)
+
+
+def _decode_independent(patcher, z, image, mask, tile_size: int, overlap: int) -> torch.Tensor:
+    """Each tile decoded on its own, overlaps blended (models/harmonizing_decoder.py)."""
+    f = patcher.model.config.factor
+    tile, ov = max(tile_size // f, 1), overlap // f
+    pbar = comfy.utils.ProgressBar(tile_count(z.shape[-2], z.shape[-1], tile, ov))
+    return decode_tiled(_run_on(patcher), z, image.cpu(), mask.cpu(), f, tile, ov, on_tile=lambda: pbar.update(1))
+
+
+_TILED_DECODE = {Tiling.EXACT: _decode_exact, Tiling.INDEPENDENT: _decode_independent}
+
+
+def harmonized_decode(patcher, z, image, mask, tile_size: int, overlap: int, tiling: str = Tiling.EXACT
+                      ) -> torch.Tensor:
     """-> [B,3,H,W] in [0,1]. Whole-image decode unless tile_size > 0 or the whole decode runs out of memory."""
-    model, device = patcher.model, patcher.load_device
-    f = model.config.factor
-
-    def run(zt, it, mt):
-        return model(zt.to(device), it.to(device), mt.to(device)).float()
-
     if tile_size <= 0:
         try:
-            return ((run(z, image, mask).cpu() + 1) / 2).clamp(0, 1)
-        except mm.OOM_EXCEPTION:
+            return ((_run_on(patcher)(z, image, mask).cpu() + 1) / 2).clamp(0, 1)
+        except compat.OOM_EXCEPTION:
             if not torch.cuda.is_available():
                 raise
             mm.soft_empty_cache(True)
-            log.warning("Harmonizing decode ran out of memory; retrying in exact 1024 px tiles")
-            tile_size, tiling = 1024, EXACT
-    if tiling == EXACT:
-        stream = StreamingDecode(model, device, patcher.offload_device, tile_size)
-        pbar = comfy.utils.ProgressBar(stream.tile_passes(z.shape[-2], z.shape[-1]))
-        stream.on_step = lambda: pbar.update(1)
-        out = stream(z, image, mask)
-    else:
-        tile, ov = max(tile_size // f, 1), overlap // f
-        pbar = comfy.utils.ProgressBar(tile_count(z.shape[-2], z.shape[-1], tile, ov))
-        out = decode_tiled(run, z, image.cpu(), mask.cpu(), f, tile, ov, on_tile=lambda: pbar.update(1))
+            log.warning("Harmonizing decode ran out of memory; retrying in exact %d px tiles", OOM_TILE)
+            tile_size, tiling = OOM_TILE, Tiling.EXACT
+    out = _TILED_DECODE[Tiling(tiling)](patcher, z, image, mask, tile_size, overlap)
     return ((out.cpu() + 1) / 2).clamp(0, 1)
 
 

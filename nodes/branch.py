@@ -20,25 +20,25 @@ from __future__ import annotations
 
 import logging
 import math
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from comfy_api.latest import io
 from torch import nn
 
 import comfy.model_management as mm
-import comfy.patcher_extension
 from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, Upsample
 
 from ..models import branch_layouts, powerpaint_tasks
+from ..models.sites import site_of
 from ..models.weights import build_from_state_dict, load_weights, tensor_dict
+from . import comfy_compat as compat
 from .branch_unet import BranchNet
-from .common import (Precision, RunState, check_finite, check_percent_range, image_to_bchw, in_sigma_range,
-                     mask_to_b1hw, match_image_mask, model_files, model_path, moved, percent_inputs, resolve_dtype,
-                     run_scope, run_state, sigma_range, wrap_patcher)
+from .common import PercentRangeNode, Precision, model_files, model_path, percent_inputs, resolve_dtype, wrap_patcher
+from .comfy_compat import io
+from .layout import centre_crop_to_multiple, check_finite, image_and_mask, row_batch, vae_encode
+from .patching import ModelPatch, RunState, moved, sigma_range
 
 log = logging.getLogger(__name__)
 CATEGORY = "inpaint/consistent/branch"
@@ -53,10 +53,9 @@ class InpaintBranch:
 
 # -- loading ---------------------------------------------------------------------------------------------
 def load_branch(path: str, dtype: torch.dtype, device, offload) -> InpaintBranch:
-    import comfy.ops
     spec, sd = branch_layouts.load_branch(path)
     net = build_from_state_dict(
-        lambda device: BranchNet(spec, dtype=dtype, device=device, operations=comfy.ops.manual_cast),
+        lambda device: BranchNet(spec, dtype=dtype, device=device, operations=compat.cast_operations()),
         sd, path, f"the {spec.kind} ({spec.base}) branch network built from its shapes", dtype)
     return InpaintBranch(wrap_patcher(net, device, offload), spec)
 
@@ -86,7 +85,7 @@ def _same(a: tuple, b: tuple) -> bool:
 
 
 class _RunState(RunState):
-    """Per sampling run (common.run_scope): the branch's fixed inputs moved to the sampling device once, and the
+    """Per sampling run (patching.run_scope): the branch's fixed inputs moved to the sampling device once, and the
     branch results of the current step. When ComfyUI runs the positive and the negative rows in separate model
     calls (it does so when memory is short), a row whose branch inputs equal one already computed in this step
     reuses it."""
@@ -141,17 +140,17 @@ def _common_length(contexts: dict) -> dict:
     return {k: c.repeat(1, n // c.shape[1], 1) if c.shape[1] != n else c for k, c in contexts.items()}
 
 
-class BranchPatch:
-    """Everything one ApplyBranch attaches to a model. Immutable after construction (``__deepcopy__`` returns
-    itself, so ModelPatcher.clone() does not copy the cond tensors)."""
+class BranchPatch(ModelPatch):
+    """Everything one ApplyBranch attaches to a model."""
 
-    def __init__(self, branch: InpaintBranch, cond: torch.Tensor, scale: float, sigma_range: tuple[float, float],
+    name = "branch"
+
+    def __init__(self, branch: InpaintBranch, cond: torch.Tensor, scale: float, sigma_window: tuple[float, float],
                  latent_channels: int, branch_context: dict | None, sites):
+        super().__init__(sigma_window)
         self.branch, self.cond, self.scale = branch, cond, scale
-        self.sigma_start, self.sigma_end = sigma_range
         self.latent_channels = latent_channels
         self.branch_context = branch_context     # {0: positive tokens, 1: negative tokens} or None
-        self.key = f"consistent_inpaint_branch:{uuid.uuid4().hex}"
         # where each up-path residual goes: ('output_h', n) / ('pre_upsample', n) / ('after_last', n)
         self.branch_sites_up = tuple(sites["up"])
         self.out_h = {n: j for j, (kind, n) in enumerate(sites["up"]) if kind == branch_layouts.HOOK_OUTPUT_H}
@@ -160,31 +159,23 @@ class BranchPatch:
         if sites["mid"] != (branch_layouts.HOOK_OUTPUT_H, 0):
             raise ValueError(f"unsupported middle-block injection site {sites['mid']}")
 
-    def __deepcopy__(self, memo):
-        return self
+    def acts(self) -> bool:
+        return self.scale != 0
+
+    def new_run(self):
+        return _RunState()
 
     # - the wrapper: run the branch, pass the residuals down -
-    def active(self, transformer_options) -> bool:
-        return self.scale != 0 and in_sigma_range(transformer_options, self.sigma_start, self.sigma_end)
-
     def wrapper(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         if not self.active(transformer_options):
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         res = self.run_branch(x, timesteps, context, y, transformer_options)
-        to = dict(transformer_options)
-        to[self.key] = res
-        return executor(x, timesteps, context, y, control, to, **kwargs)
+        return executor(x, timesteps, context, y, control, {**transformer_options, self.key: res}, **kwargs)
 
-    def run_branch(self, x, timesteps, context, y, transformer_options):
-        net = self.branch.patcher.model
-        spec = self.branch.spec
-        chunks = transformer_options.get("cond_or_uncond") or [0]
-        B = x.shape[0]
-        if B % len(chunks):
-            raise RuntimeError(f"inpaint branch: batch of {B} rows does not split into {len(chunks)} cond chunks")
-        rows = B // len(chunks)
+    def branch_inputs(self, x, timesteps, context, y, transformer_options, run):
+        """(the branch image for one chunk's rows, per-chunk (latent, timesteps, context, y), chunks, rows)."""
+        chunks, rows = self.chunks_rows(x.shape[0], transformer_options)
         lat = x[:, :self.latent_channels]
-        run = run_state(self.key)
         cond = moved(run, "cond", self.cond, x.device, x.dtype)
         if cond.shape[-2:] != lat.shape[-2:]:
             raise ValueError(f"inpaint branch: the model is sampling a {lat.shape[-1] * 8}x{lat.shape[-2] * 8} area but "
@@ -192,12 +183,28 @@ class BranchPatch:
                              "conditioning (ConditioningSetArea) cannot be combined with an inpaint branch")
         if cond.shape[0] not in (1, rows):
             raise ValueError(f"inpaint branch: image batch {cond.shape[0]} does not match latent batch {rows}")
+        spec = self.branch.spec
         ctx = context if spec.uses_context else None
         if ctx is not None and self.branch_context is not None:
-            ctx = torch.cat([moved(run, c, self.branch_context[c], x.device, x.dtype).expand(rows, -1, -1) for c in chunks])
+            ctx = torch.cat([row_batch(moved(run, c, self.branch_context[c], x.device, x.dtype), rows, "branch prompt")
+                             for c in chunks])
         parts = (lat, timesteps, ctx, y if spec.uses_y else None)
         per_chunk = [tuple(None if p is None else p[i * rows:(i + 1) * rows] for p in parts)
                      for i in range(len(chunks))]
+        return cond, per_chunk, chunks, rows
+
+    def run_net(self, cond, inputs: list, rows: int, transformer_options) -> dict:
+        """The branch network on the chunks ``inputs`` (each (latent, timesteps, context, y)), in one batch."""
+        lat, t, ctx, y = (None if inputs[0][i] is None else torch.cat([p[i] for p in inputs]) for i in range(4))
+        net = self.branch.patcher.model
+        dt = net.dtype
+        inp = torch.cat([lat, row_batch(cond, rows, "image").repeat(len(inputs), 1, 1, 1)], dim=1)
+        to = {k: v for k, v in transformer_options.items() if k not in ("patches", "patches_replace", "wrappers")}
+        return net(inp.to(dt), t, None if ctx is None else ctx.to(dt), None if y is None else y.to(dt), to)
+
+    def run_branch(self, x, timesteps, context, y, transformer_options):
+        run = self.run()
+        cond, per_chunk, chunks, rows = self.branch_inputs(x, timesteps, context, y, transformer_options, run)
         # Chunks whose branch inputs are equal share one branch run: always for BrushNet SD1.5 (it reads no
         # prompt), and for PowerPaint tasks whose positive and negative task prompts are the same; across the
         # model calls of one step too, when ComfyUI runs the rows separately.
@@ -205,16 +212,7 @@ class BranchPatch:
         found = [None if run is None else run.lookup(per_chunk[k]) for k in keep]
         todo = [n for n, f in enumerate(found) if f is None]          # positions in keep
         if todo:
-            if len(todo) == len(chunks):        # every chunk, in batch order
-                lat_in, t_in, ctx_in, y_in = parts
-            else:
-                lat_in, t_in, ctx_in, y_in = (None if parts[i] is None else
-                                              torch.cat([per_chunk[keep[n]][i] for n in todo]) for i in range(4))
-            dt = net.dtype
-            inp = torch.cat([lat_in, cond.expand(rows, -1, -1, -1).repeat(len(todo), 1, 1, 1)], dim=1)
-            to = {k: v for k, v in transformer_options.items() if k not in ("patches", "patches_replace", "wrappers")}
-            out = net(inp.to(dt), t_in, None if ctx_in is None else ctx_in.to(dt),
-                      None if y_in is None else y_in.to(dt), to)
+            out = self.run_net(cond, [per_chunk[keep[n]] for n in todo], rows, transformer_options)
             for r, n in enumerate(todo):
                 found[n] = out if len(todo) == 1 else _split_rows(out, r * rows, (r + 1) * rows)
                 if run is not None:
@@ -259,20 +257,24 @@ class BranchPatch:
         res = extra_options.get(self.key)
         if res is None:
             return n
-        block = extra_options["block"]
-        a = res["attn"].get((block[0], block[1], extra_options.get("block_index", 0)))
+        a = res["attn"].get(site_of(extra_options))
         return n if a is None else n + a.to(n.dtype)
 
     def attach(self, model):
         """-> a patched clone of ``model``."""
-        m = model.clone()
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, self.key, self.wrapper)
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key, run_scope(self.key, _RunState))
+        m = self.clone_with_run_scope(model, (self.branch.patcher,))
+        compat.add_wrapper(m, compat.DIFFUSION_MODEL, self.key, self.wrapper)
         m.set_model_input_block_patch(self.input_block)
         m.set_model_input_block_patch_after_skip(self.input_block_after_skip)
         m.set_model_output_block_patch(self.output_block)
         if self.branch.spec.acp_sites:
             m.set_model_attn2_output_patch(self.attn2_output)
+        self.add_inside_blocks(m)
+        return m
+
+    def add_inside_blocks(self, m) -> None:
+        """BrushNet's additions inside output blocks (before an upsampler, after the last block): the block swapped,
+        by an object patch, for one holding the same layers under the same names plus BranchAdders."""
         inside = {}
         for j, (kind, n) in enumerate(self.branch_sites_up):
             if kind in (branch_layouts.HOOK_PRE_UPSAMPLE, branch_layouts.HOOK_AFTER_LAST):
@@ -281,20 +283,14 @@ class BranchPatch:
             m.set_model_forward_timestep_embed_patch((BranchAdder, _adder_handler))
         for n, adds in inside.items():
             name = f"diffusion_model.output_blocks.{n}"
-            block = m.get_model_object(name)
-            layers = list(block._modules.items())
             new = []
-            for lname, layer in layers:
-                for kind, j in adds:
-                    if kind == branch_layouts.HOOK_PRE_UPSAMPLE and isinstance(layer, Upsample):
-                        new.append((f"consistent_inpaint_add_{j}", BranchAdder(self.key, j)))
+            for lname, layer in m.get_model_object(name)._modules.items():
+                new.extend((f"consistent_inpaint_add_{j}", BranchAdder(self.key, j)) for kind, j in adds
+                           if kind == branch_layouts.HOOK_PRE_UPSAMPLE and isinstance(layer, Upsample))
                 new.append((lname, layer))
-            for kind, j in adds:
-                if kind == branch_layouts.HOOK_AFTER_LAST:
-                    new.append((f"consistent_inpaint_add_{j}", BranchAdder(self.key, j)))
+            new.extend((f"consistent_inpaint_add_{j}", BranchAdder(self.key, j)) for kind, j in adds
+                       if kind == branch_layouts.HOOK_AFTER_LAST)
             m.add_object_patch(name, TimestepEmbedSequential(OrderedDict(new)))
-        m.set_additional_models(self.key, [self.branch.patcher])
-        return m
 
 
 # -- nodes ------------------------------------------------------------------------------------------------
@@ -343,7 +339,7 @@ def _check_model(model, spec):
                          f"{list(theirs[1])}, res blocks {list(theirs[2])})")
 
 
-class ApplyBranch(io.ComfyNode):
+class ApplyBranch(PercentRangeNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -373,51 +369,52 @@ class ApplyBranch(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, start_percent, end_percent, **kwargs):
-        return check_percent_range(start_percent, end_percent)
-
-    @classmethod
     @torch.no_grad()
     def execute(cls, model, vae, image, mask, branch, positive, negative, scale, start_percent, end_percent,
                 branch_positive=None, branch_negative=None):
-        spec = branch.spec
-        _check_model(model, spec)
-        img, m = match_image_mask(image_to_bchw(image), mask_to_b1hw(mask))
-        H, W = img.shape[-2:]
-        h8, w8 = H // 8 * 8, W // 8 * 8
-        if h8 == 0 or w8 == 0:
-            raise ValueError(f"image is {W}x{H}; it must be at least 8x8 pixels")
-        oy, ox = (H - h8) // 2, (W - w8) // 2        # centre crop, as core InpaintModelConditioning
-        img, m = img[..., oy:oy + h8, ox:ox + w8], m[..., oy:oy + h8, ox:ox + w8]
-        hole = (m > 0.5).to(img.dtype)               # BrushNet/PainterNet train on binary masks
+        _check_model(model, branch.spec)
+        img, m = image_and_mask(image, mask)
+        img, m = centre_crop_to_multiple(img), centre_crop_to_multiple(m)     # as core InpaintModelConditioning
         latent_format = model.get_model_object("latent_format")
-        masked = vae.encode((img * (1 - hole)).movedim(1, -1)[..., :3])
-        original = vae.encode(img.movedim(1, -1)[..., :3])
-        # the mask channel in the polarity the branch was trained with (BrushNet / PowerPaint: 1 = keep)
-        mask_channel = (1 - hole) if spec.mask == branch_layouts.MASK_KEEP else hole
-        mask_channel = F.interpolate(mask_channel, size=masked.shape[-2:], mode="nearest")
-        cond = torch.cat([latent_format.process_in(masked.float()), mask_channel.to(masked.device)], dim=1).cpu()
-        check_finite(cond, "encoded image")
-        branch_context = None
-        if branch_positive is not None or branch_negative is not None:
-            if branch_positive is None or branch_negative is None:
-                raise ValueError("give both branch_positive and branch_negative, or neither")
-            if not spec.uses_context:
-                raise ValueError(f"this {spec.kind} ({spec.base}) branch has no cross-attention, so it cannot use "
-                                 "branch_positive / branch_negative; disconnect them")
-            width = spec.config["context_dim"]
-            for name, c in (("branch_positive", branch_positive), ("branch_negative", branch_negative)):
-                if not c or c[0][0].ndim != 3 or c[0][0].shape[-1] != width:
-                    raise ValueError(f"{name} must be text conditioning {width} wide for this {spec.kind} branch, "
-                                     f"got {'nothing' if not c else tuple(c[0][0].shape)}")
-                if len(c) > 1:
-                    log.warning("%s has %d entries; the branch uses the first", name, len(c))
-            branch_context = _common_length({0: branch_positive[0][0], 1: branch_negative[0][0]})
+        cond, original = branch_condition(vae, latent_format, img, m, branch.spec)
+        context = branch_prompt(branch.spec, branch_positive, branch_negative)
         patch = BranchPatch(branch, cond, scale, sigma_range(model, start_percent, end_percent),
-                            latent_format.latent_channels, branch_context,
-                            branch_layouts.injection_sites(spec))
-        latent = {"samples": original.cpu(), "noise_mask": m.reshape(-1, 1, h8, w8)}
+                            latent_format.latent_channels, context, branch_layouts.injection_sites(branch.spec))
+        latent = {"samples": original.cpu(), "noise_mask": m.reshape(-1, 1, *m.shape[-2:])}
         return io.NodeOutput(patch.attach(model), positive, negative, latent)
+
+
+def branch_condition(vae, latent_format, img, m, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the branch image [B, C + 1, h, w]: the masked image's latent at the model's scale and the mask channel, CPU;
+    the image's raw latent). img [B, 3, H, W], m [B, 1, H, W] (1 = inpaint), H and W multiples of 8."""
+    hole = (m > 0.5).to(img.dtype)               # BrushNet/PainterNet train on binary masks
+    masked = vae_encode(vae, img * (1 - hole))
+    original = vae_encode(vae, img)
+    # the mask channel in the polarity the branch was trained with (BrushNet / PowerPaint: 1 = keep)
+    mask_channel = (1 - hole) if spec.mask == branch_layouts.MASK_KEEP else hole
+    mask_channel = F.interpolate(mask_channel, size=masked.shape[-2:], mode="nearest")
+    cond = torch.cat([latent_format.process_in(masked.float()), mask_channel.to(masked.device)], dim=1).cpu()
+    check_finite(cond, "encoded image")
+    return cond, original
+
+
+def branch_prompt(spec, branch_positive, branch_negative) -> dict | None:
+    """{0: positive tokens, 1: negative tokens} of the branch's own prompt (PowerPaint's task prompt), or None."""
+    if branch_positive is None and branch_negative is None:
+        return None
+    if branch_positive is None or branch_negative is None:
+        raise ValueError("give both branch_positive and branch_negative, or neither")
+    if not spec.uses_context:
+        raise ValueError(f"this {spec.kind} ({spec.base}) branch has no cross-attention, so it cannot use "
+                         "branch_positive / branch_negative; disconnect them")
+    width = spec.config["context_dim"]
+    for name, c in (("branch_positive", branch_positive), ("branch_negative", branch_negative)):
+        if not c or c[0][0].ndim != 3 or c[0][0].shape[-1] != width:
+            raise ValueError(f"{name} must be text conditioning {width} wide for this {spec.kind} branch, "
+                             f"got {'nothing' if not c else tuple(c[0][0].shape)}")
+        if len(c) > 1:
+            log.warning("%s has %d entries; the branch uses the first", name, len(c))
+    return _common_length({0: branch_positive[0][0], 1: branch_negative[0][0]})
 
 
 # -- PowerPaint-v2 task prompts -----------------------------------------------------------------------------
@@ -425,8 +422,7 @@ def _task_clip(path, encoder_sd, clip):
     """The text encoder for the task prompts: the one stored in the file (the authors' text_encoder_brushnet)
     when it holds one, else the CLIP given (the authors use plain SD1.5's)."""
     if encoder_sd is not None:
-        import comfy.sd
-        return comfy.sd.load_text_encoder_state_dicts([dict(encoder_sd)], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+        return compat.sd15_text_encoder(encoder_sd)
     if clip is None:
         raise ValueError(f"{path} holds the task embeddings only; connect the SD1.5 CLIP (the authors use the "
                          "plain SD1.5 text encoder for the branch)")

@@ -23,7 +23,8 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import (ResBlock, TimestepEm
 from comfy.ldm.modules.attention import SpatialTransformer
 
 from ..models.branch_layouts import MIDDLE_RES_RES
-from .common import attention
+from ..models.sites import site_of
+from .comfy_compat import attention
 
 
 def transformer_sites(unet) -> dict:
@@ -65,7 +66,7 @@ def _probed_attention(probe: dict):
         d = C // heads
         qh, kh, vh = (t.reshape(B, -1, heads, d).transpose(1, 2) for t in (q, k, v))
         p = torch.softmax((qh.float() @ kh.float().transpose(-1, -2)) * d ** -0.5, dim=-1)
-        probe[(extra["block"][0], extra["block"][1], extra.get("block_index", 0))] = p.mean(1)
+        probe[site_of(extra)] = p.mean(1)
         return (p.to(vh.dtype) @ vh).transpose(1, 2).reshape(B, N, C)
     return attn
 
@@ -109,8 +110,7 @@ class BranchNet(nn.Module):
         captured = {}
         if self.acp_sites:
             def capture(n, extra):
-                block = extra["block"]
-                captured[(block[0], block[1], extra.get("block_index", 0))] = n
+                captured[site_of(extra)] = n
                 return n
             to["patches"] = {"attn2_output_patch": [capture]}
         else:
@@ -201,15 +201,15 @@ class RefineNet(nn.Module):
             context_kv = self.context_kv(context)
 
         def cross_attention(q, k, v, extra):      # k, v: the projections of an empty context (below)
-            keys, values = context_kv[(extra["block"][0], extra["block"][1], extra.get("block_index", 0))]
+            keys, values = context_kv[site_of(extra)]
             return attention(q, keys, values, extra["n_heads"], extra)
 
         captured = {}
 
         def capture(n, context_attn1, value_attn1, extra):
-            block = extra["block"]
-            if block[0] == "output":
-                captured[(block[0], block[1], extra.get("block_index", 0))] = n
+            site = site_of(extra)
+            if site[0] == "output":
+                captured[site] = n
             return n, context_attn1, value_attn1
 
         to = {k: v for k, v in (transformer_options or {}).items() if k not in ("patches", "patches_replace", "wrappers")}

@@ -20,24 +20,25 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from comfy_api.latest import io
-from torch import nn
 
 import comfy.model_management as mm
-import comfy.patcher_extension
 
 from ..models import largen, zoom
+from ..models.layers import with_reference_tokens
+from ..models.sites import latent_grid, site_of
 from ..models.weights import CheckpointFormatError, build_from_state_dict, load_weights, strip_prefix, tensor_dict
+from . import comfy_compat as compat
 from .branch_unet import RefineNet, set_transformer_norm_eps, transformer_sites
-from .common import (Precision, RunState, StepNoise, add_site_replaces, attention, bchw_to_image, check_finite,
-                     check_percent_range, comfy_build_kwargs, image_to_bchw, in_sigma_range, mask_to_b1hw,
-                     match_image_mask, model_files, model_path, moved, once_per_run, percent_inputs, resolve_dtype,
-                     row_batch, run_scope, run_state, sigma_range, wrap_patcher)
+from .common import (PercentRangeNode, Precision, model_files, model_path, percent_inputs, resolve_dtype,
+                     wrap_patcher)
+from .comfy_compat import io
+from .layout import (b1hw_to_mask, bchw_to_image, check_finite, image_and_mask, image_to_bchw, mask_to_b1hw,
+                     match_image_mask, pixels_for_comfy, row_batch, vae_encode)
+from .patching import ModelPatch, StepNoise, add_site_replaces, bound_attention, moved, once_per_run, sigma_range
 
 log = logging.getLogger(__name__)
 CATEGORY = "inpaint/consistent/LAR-Gen"
@@ -53,11 +54,8 @@ SDXL_CONTEXT, SDXL_ADM, SDXL_POOLED = 2048, 2816, 1280
 def _sdxl_unet(sd: dict, path: str, dtype_choice: str, in_channels: int):
     """A ComfyUI SDXL model object for an SGM-layout UNet state dict of any depth (ComfyUI's own detection only
     accepts the exact SDXL depths), loaded strictly: every tensor used, none missing."""
-    import comfy.model_detection
-    import comfy.model_patcher
-    import comfy.supported_models
     name = os.path.basename(path)
-    cfg = comfy.model_detection.detect_unet_config(sd, "")
+    cfg = compat.detect_unet_config(sd)
     if (cfg is None or cfg.get("context_dim") != SDXL_CONTEXT or cfg.get("adm_in_channels") != SDXL_ADM
             or not cfg.get("use_linear_in_transformer") or cfg.get("in_channels") != in_channels):
         got = "nothing recognisable" if cfg is None else (
@@ -65,7 +63,7 @@ def _sdxl_unet(sd: dict, path: str, dtype_choice: str, in_channels: int):
             f"{cfg.get('in_channels')} input channels")
         raise CheckpointFormatError(f"{name}: expected an SDXL UNet (text width {SDXL_CONTEXT}, vector {SDXL_ADM}, "
                                     f"{in_channels} input channels), found {got}")
-    model_config = comfy.supported_models.SDXL(cfg)
+    model_config = compat.sdxl_model_config(cfg)
     load_device = mm.get_torch_device()
     params = sum(t.numel() for t in sd.values())
     if Precision(dtype_choice) == Precision.AUTO:
@@ -86,33 +84,7 @@ def _sdxl_unet(sd: dict, path: str, dtype_choice: str, in_channels: int):
             f"{len(extra)} unexpected ({', '.join(extra[:3])}), {len(bad)} of another shape ({', '.join(bad[:3])})")
     model.load_model_weights(sd, "")
     set_transformer_norm_eps(model.diffusion_model, AUTHORS_TRANSFORMER_NORM_EPS)
-    return comfy.model_patcher.ModelPatcher(model.to(mm.unet_offload_device()), load_device=load_device,
-                                            offload_device=mm.unet_offload_device())
-
-
-class SubjectAdapterNet(nn.Module):
-    """The IP-Adapter-Plus resampler and the per-site subject projections (``to_k_ip`` / ``to_v_ip``)."""
-
-    def __init__(self, rcfg: largen.ResamplerConfig, sites: dict, context_dim: int, dtype=None, device=None,
-                 operations=None, attention=None):
-        super().__init__()
-        self.resampler = largen.Resampler(rcfg, dtype=dtype, device=device, operations=operations, attention=attention)
-        self.sites = tuple(sites)
-
-        def lin(ch):
-            return operations.Linear(context_dim, ch, bias=False, dtype=dtype, device=device)
-
-        self.to_k_ip = nn.ModuleDict({largen.site_name(s): lin(ch) for s, ch in sites.items()})
-        self.to_v_ip = nn.ModuleDict({largen.site_name(s): lin(ch) for s, ch in sites.items()})
-
-    @property
-    def dtype(self):
-        return self.resampler.latents.dtype
-
-    def project(self, tokens: torch.Tensor) -> dict:
-        """[S, 16, 2048] -> {site: (K_ip [S, 16, C], V_ip [S, 16, C])}."""
-        return {s: (self.to_k_ip[largen.site_name(s)](tokens), self.to_v_ip[largen.site_name(s)](tokens))
-                for s in self.sites}
+    return compat.model_patcher(model.to(mm.unet_offload_device()), load_device, mm.unet_offload_device())
 
 
 @dataclass(frozen=True)
@@ -149,13 +121,12 @@ def largen_from_parts(parts: largen.LARGenCheckpoint, path: str, image_proj_path
         raise CheckpointFormatError(
             f"{rsrc}: the resampler makes {rcfg.output_dim}-wide subject tokens{hint}, but LAR-Gen's subject "
             f"projections take {ctx}-wide ones; use ip-adapter-plus_sdxl_vit-h.bin")
-    sd = {f"resampler.{k}": v for k, v in rsd.items()}
-    for s, (k, v) in parts.ip.items():
-        sd[f"to_k_ip.{largen.site_name(s)}.weight"], sd[f"to_v_ip.{largen.site_name(s)}.weight"] = k, v
+    sd = largen.subject_adapter_state_dict(rsd, parts.ip)
     device, offload = mm.get_torch_device(), mm.unet_offload_device()
     dtype = model.model.get_dtype()
-    kw = comfy_build_kwargs(device)
-    net = build_from_state_dict(lambda device: SubjectAdapterNet(rcfg, channels, ctx, dtype=dtype, device=device, **kw),
+    kw = compat.build_kwargs(device)
+    net = build_from_state_dict(lambda device: largen.SubjectAdapterNet(rcfg, channels, ctx, dtype=dtype, device=device,
+                                                                        **kw),
                                 sd, rsrc, "the LAR-Gen subject adapter (IP-Adapter-Plus resampler + to_k_ip/to_v_ip)",
                                 dtype)
     return model, SubjectAdapter(wrap_patcher(net, device, offload), channels, rcfg.embedding_dim)
@@ -188,18 +159,16 @@ def load_refinenet(path: str, dtype_choice: str) -> RefineNetModel:
 def refinenet_from_parts(refinenet: dict, projector: dict, path: str, dtype_choice: str) -> RefineNetModel:
     """The RefineNet from its UNet tensors (ComfyUI names, no ``ref_``) and its projector's ``weight`` / ``bias``;
     ``path`` names them in errors. The training command builds its initial RefineNet through here too."""
-    import comfy.model_detection
     name = os.path.basename(path)
-    cfg = comfy.model_detection.detect_unet_config(refinenet, "")
+    cfg = compat.detect_unet_config(refinenet)
     if cfg is None or cfg.get("in_channels") != 4 or cfg.get("context_dim") != SDXL_CONTEXT:
         raise CheckpointFormatError(f"{name}: the ref_* weights are not an SDXL UNet with a 4-channel input")
     device, offload = mm.get_torch_device(), mm.unet_offload_device()
     dtype = resolve_dtype(dtype_choice, device)
     width = projector["weight"].shape[1]
     full = dict(refinenet, **{f"projector.{k}": v for k, v in projector.items()})
-    import comfy.ops
     net = build_from_state_dict(lambda device: RefineNet(cfg, width, dtype=dtype, device=device,
-                                                         operations=comfy.ops.manual_cast),
+                                                         operations=compat.cast_operations()),
                                 full, path, "LAR-Gen's RefineNet (ref_* UNet copy + patch projector)", dtype)
     set_transformer_norm_eps(net, AUTHORS_TRANSFORMER_NORM_EPS)
     return RefineNetModel(wrap_patcher(net, device, offload))
@@ -220,8 +189,11 @@ def subject_square(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tens
     return zoom.prepare_subject(pixels, m)
 
 
-def _clip_width_error(width: int, want: int) -> str:
-    names = {1024: "CLIP ViT-L/14", 1280: "CLIP ViT-H/14", 1664: "CLIP ViT-bigG/14"}
+CLIP_VISION_WIDTHS = {1024: "CLIP ViT-L/14", 1280: "CLIP ViT-H/14", 1664: "CLIP ViT-bigG/14"}   # hidden widths
+
+
+def clip_width_error(width: int, want: int) -> str:
+    names = CLIP_VISION_WIDTHS
     return (f"the CLIP vision model gives {width}-wide features ({names.get(width, 'another encoder')}), but LAR-Gen "
             f"needs {want} ({names.get(want, '?')}; e.g. CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors in "
             "models/clip_vision)")
@@ -229,8 +201,7 @@ def _clip_width_error(width: int, want: int) -> str:
 
 def encode_subject(clip_vision, square: torch.Tensor):
     """-> (penultimate hidden states [S,T,W], last hidden state [S,T,W]) of the square subject images."""
-    out = clip_vision.encode_image(square.movedim(1, -1), crop=True)
-    return out["penultimate_hidden_states"], out["last_hidden_state"]
+    return compat.encode_clip_vision(clip_vision, pixels_for_comfy(square))
 
 
 def subject_latent(vae, latent_format, squares, resolution: int) -> torch.Tensor:
@@ -239,7 +210,7 @@ def subject_latent(vae, latent_format, squares, resolution: int) -> torch.Tensor
     squares = [squares] if torch.is_tensor(squares) else squares
     pixels = torch.cat([F.interpolate(sq, size=(resolution, resolution), mode="bicubic", antialias=True,
                                       align_corners=False) for sq in squares]).clamp(0, 1)
-    return latent_format.process_in(vae.encode(pixels.movedim(1, -1)).float())
+    return latent_format.process_in(vae_encode(vae, pixels).float())
 
 
 def encode_zero_image(clip_vision) -> torch.Tensor:
@@ -252,64 +223,50 @@ def encode_zero_image(clip_vision) -> torch.Tensor:
 
 
 # -- subject attention -----------------------------------------------------------------------------------
-class SubjectPatch:
-    """Everything one ApplySubjectAttention attaches. Immutable (``__deepcopy__`` returns itself)."""
+class SubjectPatch(ModelPatch):
+    """Everything one ApplySubjectAttention attaches."""
 
-    def __init__(self, kv: dict, kv_zero: dict, weight: float, sigma_range, region):
+    name = "subject"
+
+    def __init__(self, kv: dict, kv_zero: dict, weight: float, sigma_window, region):
+        super().__init__(sigma_window)
         self.kv, self.kv_zero, self.weight = kv, kv_zero, weight
-        self.sigma_start, self.sigma_end = sigma_range
         self.region = region                   # [M,1,H,W] CPU or None
-        self.key = f"consistent_inpaint_subject:{uuid.uuid4().hex}"
 
-    def __deepcopy__(self, memo):
-        return self
+    def acts(self) -> bool:
+        return self.weight != 0
 
-    def active(self, transformer_options) -> bool:
-        return self.weight != 0 and in_sigma_range(transformer_options, self.sigma_start, self.sigma_end)
-
-    def wrapper(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        """Once per model call (not in each of the 70 attention calls, where reading sigma would stall the GPU):
-        whether the subject acts in this call."""
-        if self.active(transformer_options):
-            transformer_options = {**transformer_options, self.key: True}
-        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-
-    def rows_kv(self, site, chunks, rows, device, dtype, run):
+    def rows_kv(self, site, chunks, rows, device, dtype):
         def build():
             ks, vs = zip(*((row_batch(t, rows, "subject_image") for t in (self.kv if c == 0 else self.kv_zero)[site])
                            for c in chunks))
             return torch.cat(ks).to(device, dtype), torch.cat(vs).to(device, dtype)
-        return once_per_run(run, ("kv", site, tuple(chunks), rows, device, dtype), build)
+        return once_per_run(self.run(), ("kv", site, tuple(chunks), rows, device, dtype), build)
 
-    def region_rows(self, tokens, shape, chunks, rows, device, dtype, run):
+    def region_rows(self, tokens, shape, chunks, rows, device, dtype):
         if self.region is None:
             return None
-        h, w = largen.latent_grid(tokens, shape[-2], shape[-1])
+        h, w = latent_grid(tokens, shape[-2], shape[-1])
 
         def build():
             m = F.interpolate(self.region, size=(h, w), mode="area")     # exact 0/1 on aligned edges
             m = row_batch(m.reshape(m.shape[0], h * w, 1), rows, "attn_mask")
             return m.repeat(len(chunks), 1, 1).to(device, dtype)
-        return once_per_run(run, ("region", h, w, tuple(chunks), rows, device, dtype), build)
+        return once_per_run(self.run(), ("region", h, w, tuple(chunks), rows, device, dtype), build)
 
     def add_subject(self, text_out, q, k, v, site, extra):
         if not extra.get(self.key):
             return text_out
-        chunks = extra.get("cond_or_uncond") or [0]
-        if q.shape[0] % len(chunks):
-            raise RuntimeError(f"subject attention: {q.shape[0]} rows do not split into {len(chunks)} cond chunks")
-        rows = q.shape[0] // len(chunks)
-        run = run_state(self.key)
-        k, v = self.rows_kv(site, chunks, rows, q.device, q.dtype, run)
-        region = self.region_rows(q.shape[1], extra["original_shape"], chunks, rows, q.device, q.dtype, run)
-        return largen.decoupled_attention(text_out, q, k, v, extra["n_heads"], self.weight,
-                                          lambda q_, k_, v_, heads: attention(q_, k_, v_, heads, extra), region)
+        chunks, rows = self.chunks_rows(q.shape[0], extra)
+        k, v = self.rows_kv(site, chunks, rows, q.device, q.dtype)
+        region = self.region_rows(q.shape[1], extra["original_shape"], chunks, rows, q.device, q.dtype)
+        return largen.decoupled_attention(text_out, q, k, v, extra["n_heads"], self.weight, bound_attention(extra),
+                                          region)
 
     def attach(self, model):
-        m = model.clone()
+        m = self.clone_with_run_scope(model)
         add_site_replaces(m, "attn2", self.kv, self.add_subject)
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, self.key, self.wrapper)
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key, run_scope(self.key, RunState))
+        compat.add_wrapper(m, compat.DIFFUSION_MODEL, self.key, self.flag_active)
         return m
 
 
@@ -340,27 +297,42 @@ class _RefineRun(StepNoise):
         return next((out for yy, out in self.entries if torch.equal(yy, y)), None)
 
 
-class RefinePatch:
-    def __init__(self, refinenet: RefineNetModel, latent, context, null_pooled, sigma_range, seed):
+class RefinePatch(ModelPatch):
+    name = "refinenet"
+
+    def __init__(self, refinenet: RefineNetModel, latent, context, null_pooled, sigma_window, seed):
+        super().__init__(sigma_window)
         self.refinenet = refinenet
         self.latent, self.context, self.null_pooled = latent, context, null_pooled   # CPU
-        self.sigma_start, self.sigma_end = sigma_range
         self.seed = seed
-        self.key = f"consistent_inpaint_refinenet:{uuid.uuid4().hex}"
 
-    def __deepcopy__(self, memo):
-        return self
+    def new_run(self):
+        return _RefineRun(self.seed)
+
+    def refinenet_tokens(self, base, x, t, y_ref, noise, run, transformer_options):
+        """The RefineNet's decoder self-attention inputs for the subject latent noised to this step's sigma."""
+        S = self.latent.shape[0]
+        dt = base.manual_cast_dtype or base.get_dtype()
+        lat = moved(run, "latent", self.latent, x.device, torch.float32)
+        # one sigma for every subject while sampling; in training each row has its own, and subject i is
+        # noised to row i's (then S == rows)
+        s = (t[:S] if 1 < S <= t.shape[0] else t[:1]).to(torch.float32)
+        noisy = base.model_sampling.noise_scaling(s.reshape(-1, 1, 1, 1), noise.to(x.device), lat)
+        xin = base.model_sampling.calculate_input(s, noisy)
+        timesteps = base.model_sampling.timestep(s).float().expand(S)
+        net = self.refinenet.net
+        ctx = moved(run, "context", self.context, x.device, dt)
+        kv = once_per_run(run, ("context_kv", x.device, dt), lambda: net.context_kv(ctx))
+        return net(xin.to(dt), timesteps, ctx, y_ref.expand(S, -1).to(x.device, dt), transformer_options, kv)
 
     def apply_model(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         sigma = float(t.max())
-        if not self.sigma_end <= sigma <= self.sigma_start:
+        if not self.in_window(sigma):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        base = executor.class_obj
         y = kwargs.get("y")
         if y is None:
             raise RuntimeError("the RefineNet needs an SDXL model (no size/pooled vector 'y' reached the model)")
-        run = run_state(self.key)
-        S = self.latent.shape[0]
+        run = self.run()
         y_ref = y[:1].clone()
         y_ref[:, :self.null_pooled.shape[-1]] = self.null_pooled.to(y_ref)
         if run is not None:
@@ -370,44 +342,25 @@ class RefinePatch:
             noise = torch.randn(self.latent.shape, generator=torch.Generator().manual_seed(self.seed))
             tokens = None
         if tokens is None:
-            dt = base.manual_cast_dtype or base.get_dtype()
-            lat = moved(run, "latent", self.latent, x.device, torch.float32)
-            # one sigma for every subject while sampling; in training each row has its own, and subject i is
-            # noised to row i's (then S == rows)
-            s = (t[:S] if 1 < S <= t.shape[0] else t[:1]).to(torch.float32)
-            noisy = base.model_sampling.noise_scaling(s.reshape(-1, 1, 1, 1), noise.to(x.device), lat)
-            xin = base.model_sampling.calculate_input(s, noisy)
-            timesteps = base.model_sampling.timestep(s).float().expand(S)
-            net = self.refinenet.net
-            ctx = moved(run, "context", self.context, x.device, dt)
-            kv = once_per_run(run, ("context_kv", x.device, dt), lambda: net.context_kv(ctx))
-            tokens = net(xin.to(dt), timesteps, ctx, y_ref.expand(S, -1).to(x.device, dt), transformer_options, kv)
+            tokens = self.refinenet_tokens(executor.class_obj, x, t, y_ref, noise, run, transformer_options)
             if run is not None:
                 run.entries.append((y_ref, tokens))
-        to = dict(transformer_options)
-        to[self.key] = tokens
-        return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
+        return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, self.key: tokens}, **kwargs)
 
     def attn1(self, n, context_attn1, value_attn1, extra):
         tokens = extra.get(self.key)
-        block = extra.get("block")
-        if tokens is None or block is None or block[0] != "output":
-            return n, context_attn1, value_attn1
-        ref = tokens.get((block[0], block[1], extra.get("block_index", 0)))
+        site = site_of(extra)
+        ref = None if tokens is None or site is None or site[0] != "output" else tokens.get(site)
         if ref is None:
             return n, context_attn1, value_attn1
-        chunks = extra.get("cond_or_uncond") or [0]
-        rows = n.shape[0] // len(chunks)
+        chunks, rows = self.chunks_rows(n.shape[0], extra)
         ref = row_batch(ref, rows, "subject_image").repeat(len(chunks), 1, 1)
-        return largen.with_reference_tokens(n, context_attn1, value_attn1, ref)
+        return with_reference_tokens(n, context_attn1, value_attn1, ref)
 
     def attach(self, model):
-        m = model.clone()
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, self.key, self.apply_model)
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key,
-                               run_scope(self.key, lambda: _RefineRun(self.seed)))
+        m = self.clone_with_run_scope(model, (self.refinenet.patcher,))
+        compat.add_wrapper(m, compat.APPLY_MODEL, self.key, self.apply_model)
         m.set_model_attn1_patch(self.attn1)
-        m.set_additional_models(self.key, [self.refinenet.patcher])
         return m
 
 
@@ -439,7 +392,7 @@ class LARGenLoader(io.ComfyNode):
         return io.NodeOutput(*load_largen(model_path("largen", checkpoint), ip, dtype))
 
 
-class ApplySubjectAttention(io.ComfyNode):
+class ApplySubjectAttention(PercentRangeNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -465,39 +418,48 @@ class ApplySubjectAttention(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, start_percent, end_percent, **kwargs):
-        return check_percent_range(start_percent, end_percent)
-
-    @classmethod
     @torch.no_grad()
     def execute(cls, model, subject_adapter, clip_vision, subject_image, weight, start_percent, end_percent,
                 attn_mask=None, subject_mask=None):
-        sites = model_sites(model)
-        for site, ch in subject_adapter.channels.items():
-            if site not in sites or sites[site][1] != ch:
-                raise ValueError(f"the subject adapter does not fit this model: cross-attention {site} is "
-                                 f"{'absent' if site not in sites else f'{sites[site][1]} wide'}, the adapter's is "
-                                 f"{ch} wide. Connect the MODEL from Load LAR-Gen (or another SDXL model)")
-        square = subject_square(subject_image, subject_mask)
-        feats, _ = encode_subject(clip_vision, square)
-        zero = encode_zero_image(clip_vision)
+        check_adapter_fits(subject_adapter, model_sites(model))
+        feats, _ = encode_subject(clip_vision, subject_square(subject_image, subject_mask))
         if feats.shape[-1] != subject_adapter.embedding_dim:
-            raise ValueError(_clip_width_error(feats.shape[-1], subject_adapter.embedding_dim))
-        region = None
-        if attn_mask is not None:
-            region = mask_to_b1hw(attn_mask, "attn_mask")
-            if not (region > 0).any():
-                raise ValueError("attn_mask is empty, so the subject would act nowhere; leave it unconnected to "
-                                 "apply the subject everywhere")
-        mm.load_model_gpu(subject_adapter.patcher)
-        net = subject_adapter.patcher.model
-        dev = subject_adapter.patcher.load_device
-        out_dev = mm.intermediate_device()
-        kv, kv_zero = ({s: (k.to(out_dev), v.to(out_dev)) for s, (k, v) in
-                        net.project(net.resampler(f.to(dev, net.dtype))).items()} for f in (feats, zero))
+            raise ValueError(clip_width_error(feats.shape[-1], subject_adapter.embedding_dim))
+        kv, kv_zero = (subject_keys_values(subject_adapter, f) for f in (feats, encode_zero_image(clip_vision)))
         check_finite(next(iter(kv.values()))[0], "subject tokens")
-        patch = SubjectPatch(kv, kv_zero, weight, sigma_range(model, start_percent, end_percent), region)
+        patch = SubjectPatch(kv, kv_zero, weight, sigma_range(model, start_percent, end_percent),
+                             attention_region(attn_mask))
         return io.NodeOutput(patch.attach(model))
+
+
+def check_adapter_fits(adapter: SubjectAdapter, sites: dict) -> None:
+    """Every cross-attention the adapter projects for must exist in the model (``sites``: :func:`model_sites`) with
+    the adapter's width."""
+    for site, ch in adapter.channels.items():
+        if site not in sites or sites[site][1] != ch:
+            raise ValueError(f"the subject adapter does not fit this model: cross-attention {site} is "
+                             f"{'absent' if site not in sites else f'{sites[site][1]} wide'}, the adapter's is "
+                             f"{ch} wide. Connect the MODEL from Load LAR-Gen (or another SDXL model)")
+
+
+def subject_keys_values(adapter: SubjectAdapter, features: torch.Tensor) -> dict:
+    """CLIP penultimate features [S, T, W] -> {site: (K_ip, V_ip)} through the resampler and every site's
+    projections, once, when the node runs."""
+    mm.load_model_gpu(adapter.patcher)
+    net, dev, out_dev = adapter.patcher.model, adapter.patcher.load_device, mm.intermediate_device()
+    return {s: (k.to(out_dev), v.to(out_dev)) for s, (k, v) in
+            net.project(net.resampler(features.to(dev, net.dtype))).items()}
+
+
+def attention_region(attn_mask) -> torch.Tensor | None:
+    """The optional attn_mask as [M, 1, H, W] (1 = the subject acts), or None (everywhere)."""
+    if attn_mask is None:
+        return None
+    region = mask_to_b1hw(attn_mask, "attn_mask")
+    if not (region > 0).any():
+        raise ValueError("attn_mask is empty, so the subject would act nowhere; leave it unconnected to "
+                         "apply the subject everywhere")
+    return region
 
 
 class RefineNetLoader(io.ComfyNode):
@@ -521,7 +483,7 @@ class RefineNetLoader(io.ComfyNode):
         return io.NodeOutput(load_refinenet(model_path("largen", checkpoint), dtype))
 
 
-class ApplyRefineNet(io.ComfyNode):
+class ApplyRefineNet(PercentRangeNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -550,44 +512,49 @@ class ApplyRefineNet(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, start_percent, end_percent, **kwargs):
-        return check_percent_range(start_percent, end_percent)
-
-    @classmethod
     @torch.no_grad()
     def execute(cls, model, refinenet, vae, clip_vision, subject_image, start_percent, end_percent,
                 subject_mask=None, subject_resolution=1024, seed=0, clip=None):
         net = refinenet.net
-        sites, own = model_sites(model), transformer_sites(net)
-        for site in net.sites:
-            ours = own[site].attn1.to_q.out_features
-            if site not in sites or sites[site][0] != ours:
-                raise ValueError(f"the RefineNet does not fit this model: decoder self-attention {site} is "
-                                 f"{'absent' if site not in sites else f'{sites[site][0]} wide'} in the model, "
-                                 f"{ours} wide in the RefineNet")
-        missing = [s for s in sites if s[0] == "output" and s not in net.sites]
-        if missing:
-            raise ValueError(f"the RefineNet lacks the model's decoder self-attention sites {missing[:4]}")
+        check_refinenet_fits(net, model_sites(model))
         square = subject_square(subject_image, subject_mask)
         _, last = encode_subject(clip_vision, square)
         width = net.projector.in_features
         if last.shape[-1] != width:
-            raise ValueError(_clip_width_error(last.shape[-1], width))
+            raise ValueError(clip_width_error(last.shape[-1], width))
         latent = subject_latent(vae, model.get_model_object("latent_format"), square, subject_resolution)
         mm.load_model_gpu(refinenet.patcher)
         dev = refinenet.patcher.load_device
         context = net.projector(last.to(dev, net.dtype)).to(mm.intermediate_device())
-        if clip is not None:
-            _, pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
-            if pooled is None or pooled.shape[-1] != SDXL_POOLED:
-                raise ValueError(f"clip must be SDXL's (pooled width {SDXL_POOLED}); got "
-                                 f"{None if pooled is None else pooled.shape[-1]}")
-            null = pooled[:1].float().cpu()
-        else:
-            null = torch.zeros(1, SDXL_POOLED)
-        patch = RefinePatch(refinenet, latent.cpu(), context, null, sigma_range(model, start_percent, end_percent),
-                            seed)
+        patch = RefinePatch(refinenet, latent.cpu(), context, empty_prompt_pooled(clip),
+                            sigma_range(model, start_percent, end_percent), seed)
         return io.NodeOutput(patch.attach(model))
+
+
+def check_refinenet_fits(net, sites: dict) -> None:
+    """Every decoder self-attention of the RefineNet must exist in the model (``sites``: :func:`model_sites`) with
+    its width, and the other way round."""
+    own = transformer_sites(net)
+    for site in net.sites:
+        ours = own[site].attn1.to_q.out_features
+        if site not in sites or sites[site][0] != ours:
+            raise ValueError(f"the RefineNet does not fit this model: decoder self-attention {site} is "
+                             f"{'absent' if site not in sites else f'{sites[site][0]} wide'} in the model, "
+                             f"{ours} wide in the RefineNet")
+    missing = [s for s in sites if s[0] == "output" and s not in net.sites]
+    if missing:
+        raise ValueError(f"the RefineNet lacks the model's decoder self-attention sites {missing[:4]}")
+
+
+def empty_prompt_pooled(clip) -> torch.Tensor:
+    """[1, 1280]: SDXL CLIP's pooled vector of an empty prompt, or zeros (SGM's dropped-text value) without one."""
+    if clip is None:
+        return torch.zeros(1, SDXL_POOLED)
+    _, pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
+    if pooled is None or pooled.shape[-1] != SDXL_POOLED:
+        raise ValueError(f"clip must be SDXL's (pooled width {SDXL_POOLED}); got "
+                         f"{None if pooled is None else pooled.shape[-1]}")
+    return pooled[:1].float().cpu()
 
 
 class CropToMask(io.ComfyNode):
@@ -606,7 +573,7 @@ class CropToMask(io.ComfyNode):
                                tooltip="How much larger than the mask's bounding box the crop is (authors: 1.3)"),
                 io.Int.Input("resolution", default=1024, min=64, max=8192, step=8,
                              tooltip="Side of the square crop given to the model"),
-                io.Combo.Input("padding", options=list(zoom.PADDING_MODES), default="edge", optional=True,
+                io.Combo.Input("padding", options=zoom.Padding, default=zoom.Padding.EDGE, optional=True,
                                tooltip="Where the image is narrower than the square: repeat the edge, or black "
                                        "(the authors)"),
             ],
@@ -615,10 +582,10 @@ class CropToMask(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, image, mask, context_factor, resolution, padding="edge"):
-        img, m = match_image_mask(image_to_bchw(image), mask_to_b1hw(mask))
+    def execute(cls, image, mask, context_factor, resolution, padding=zoom.Padding.EDGE):
+        img, m = image_and_mask(image, mask)
         crops, masks, info = zoom.crop_to_mask(img, m, context_factor, resolution, padding)
-        return io.NodeOutput(bchw_to_image(crops), masks[:, 0].cpu(), info)
+        return io.NodeOutput(bchw_to_image(crops), b1hw_to_mask(masks), info)
 
 
 class PasteBack(io.ComfyNode):
@@ -643,8 +610,8 @@ class PasteBack(io.ComfyNode):
     @classmethod
     def execute(cls, image, inpainted, crop_info, feather):
         img = image_to_bchw(image)
-        if img.shape[0] == 1 and len(crop_info.boxes) > 1:
-            img = img.expand(len(crop_info.boxes), -1, -1, -1)
+        if img.shape[0] == 1:                        # one image for every crop
+            img = row_batch(img, len(crop_info.boxes), "image")
         out = zoom.paste_back(img, image_to_bchw(inpainted, "inpainted"), crop_info, feather)
         return io.NodeOutput(bchw_to_image(out))
 

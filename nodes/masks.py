@@ -3,15 +3,30 @@ graph with the kinds of masks users paint)."""
 from __future__ import annotations
 
 import torch
-from comfy_api.latest import io
 
 from ..models import masks
-from .common import check_finite
+from .comfy_compat import io
+from .layout import check_finite
 
 CATEGORY = "inpaint/consistent/training"
 PAINTER_MIX, ASUKA_MIX = "mix (PainterNet 25/50/25)", "mix (ASUKA 50/40/10)"
 ASUKA_PREFIX = "ASUKA "
-KINDS = [PAINTER_MIX, *masks.PAINTER_KINDS, ASUKA_MIX, *(ASUKA_PREFIX + k for k in masks.ASUKA_KINDS)]
+
+
+def _asuka_mix(seg, g):
+    m, k = masks.asuka_mask(*seg.shape, g, seg)
+    return m, ASUKA_PREFIX + k
+
+
+# kind -> draw(region [H, W], generator) -> (mask, kind drawn)
+DRAW = {
+    PAINTER_MIX: lambda seg, g: masks.painter_mask(seg, g),
+    **{k: (lambda seg, g, k=k: (masks.kind_mask(seg, k, g), k)) for k in masks.PAINTER_KINDS},
+    ASUKA_MIX: _asuka_mix,
+    **{ASUKA_PREFIX + k: (lambda seg, g, k=k: (masks.asuka_kind_mask(k, *seg.shape, g, seg), ASUKA_PREFIX + k))
+       for k in masks.ASUKA_KINDS},
+}
+KINDS = list(DRAW)
 
 
 class TrainingMask(io.ComfyNode):
@@ -52,19 +67,8 @@ class TrainingMask(io.ComfyNode):
             segs = [r.float().cpu() for r in region]
         else:
             segs = [masks.random_blob(height, width, g) for _ in range(batch_size)]
-        out, kinds = [], []
-        for seg in segs:
-            if kind == PAINTER_MIX:
-                m, k = masks.painter_mask(seg, g)
-            elif kind == ASUKA_MIX:
-                m, k = masks.asuka_mask(*seg.shape, g, seg)
-                k = ASUKA_PREFIX + k
-            elif kind.startswith(ASUKA_PREFIX):
-                m, k = masks.asuka_kind_mask(kind[len(ASUKA_PREFIX):], *seg.shape, g, seg), kind
-            else:
-                m, k = masks.kind_mask(seg, kind, g), kind
-            out.append(m)
-            kinds.append(k)
+        draw = DRAW[kind]
+        out, kinds = zip(*(draw(seg, g) for seg in segs))
         return io.NodeOutput(torch.stack(out), ", ".join(kinds))
 
 

@@ -21,55 +21,41 @@ from __future__ import annotations
 
 import logging
 import math
-import uuid
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from comfy_api.latest import io
 from torch import nn
 
 import comfy.model_management as mm
-import comfy.patcher_extension
-import comfy.sample
-import comfy.samplers
-import comfy.utils
 
 from ..models import patch_adapter as pa
-from ..models.largen import latent_grid, site_name
+from ..models.layers import with_reference_tokens
+from ..models.sites import latent_grid, site_name, site_of
 from ..models.weights import build_from_state_dict, load_weights, safetensors_metadata, tensor_dict
+from . import comfy_compat as compat
 from . import patch_refine
 from .branch_unet import transformer_sites
-from .common import (Precision, RunState, StepNoise, add_site_replaces, attention, bchw_to_image, check_percent_range,
-                     comfy_build_kwargs, image_to_bchw, image_view_bchw, in_sigma_range, mask_to_b1hw, mask_view_b1hw,
-                     match_image_mask, model_files, model_path, once_per_run, percent_inputs, resolve_dtype, row_batch,
-                     run_scope, run_state, sigma_range, site_of, wrap_patcher)
+from .common import (PercentRangeNode, Precision, model_files, model_path, percent_inputs, resolve_dtype,
+                     wrap_patcher)
+from .comfy_compat import io
+from .layout import (b1hw_to_mask, bchw_to_image, image_and_mask, image_copy, image_to_bchw, image_view_bchw,
+                     mask_to_b1hw, mask_view_b1hw, match_image_mask, row_batch)
+from .patching import ModelPatch, StepNoise, add_site_replaces, bound_attention, once_per_run, sigma_range
 
 log = logging.getLogger(__name__)
 CATEGORY = "inpaint/consistent/Patch-Adapter"
 PatchAdapterType = io.Custom("PATCH_ADAPTER")
 PATCH_ID = "consistent_inpaint_patch"          # transformer_options entry: indices of the patches in this call
+# How far the Dual Context mask's aspect may differ from the latent's: 2 % plus a latent cell of rounding.
+MASK_ASPECT_TOLERANCE = 0.02
+MEGAPIXEL = 1024 * 1024          # pixels, as ComfyUI's ImageScaleToTotalPixels counts a megapixel
 
 
 # -- the adapter file -------------------------------------------------------------------------------------
-class PatchAdapterNet(nn.Module):
-    """The adapter's projections as ComfyUI-cast Linear layers (module names: ``dca.<site>.to_q`` …)."""
-
-    def __init__(self, weights: pa.AdapterWeights, dtype=None, device=None, operations=None, attention=None):
-        super().__init__()
-
-        def lin(w):
-            return operations.Linear(w.shape[1], w.shape[0], bias=False, dtype=dtype, device=device)
-
-        self.dca = nn.ModuleDict({site_name(s): nn.ModuleDict({p: lin(w[p]) for p in pa.DCA_PARTS})
-                                  for s, w in weights.dca.items()})
-        self.rpa = nn.ModuleDict({site_name(s): nn.ModuleDict({p: lin(w[p]) for p in ("to_k", "to_v")})
-                                  for s, w in weights.rpa.items()})
-
-
 @dataclass(frozen=True)
 class PatchAdapter:
-    patcher: object               # ModelPatcher of a PatchAdapterNet
+    patcher: object               # ModelPatcher of a models.patch_adapter.PatchAdapterNet
     dca: dict                     # site -> (channels, width)
     rpa: dict                     # site -> (channels, width)
     gates: dict                   # site -> tanh(g), the RPA fusion weight (a float; the trainer: a 0-dim tensor)
@@ -82,13 +68,11 @@ class PatchAdapter:
 
 def load_patch_adapter(path: str, dtype_choice: str) -> PatchAdapter:
     weights = pa.parse_patch_adapter(tensor_dict(load_weights(path), path), path, safetensors_metadata(path))
-    sd = {f"{stage}.{site_name(s)}.{p}.weight": t for stage in ("dca", "rpa")
-          for s, w in getattr(weights, stage).items() for p, t in w.items() if p != "gate"}
+    sd = pa.net_state_dict(weights)
     device, offload = mm.get_torch_device(), mm.unet_offload_device()
-    params = sum(t.numel() for t in sd.values())
-    dtype = resolve_dtype(dtype_choice, device, params)
-    kw = comfy_build_kwargs(device)
-    net = build_from_state_dict(lambda device: PatchAdapterNet(weights, dtype=dtype, device=device, **kw), sd, path,
+    dtype = resolve_dtype(dtype_choice, device, sum(t.numel() for t in sd.values()))
+    kw = compat.build_kwargs(device)
+    net = build_from_state_dict(lambda device: pa.PatchAdapterNet(weights, dtype=dtype, device=device, **kw), sd, path,
                                 "the Patch-Adapter projections", dtype)
     gates = {s: math.tanh(float(w["gate"].float().reshape(()))) for s, w in weights.rpa.items()}
     return PatchAdapter(wrap_patcher(net, device, offload), weights.widths("dca"), weights.widths("rpa"), gates,
@@ -114,23 +98,15 @@ def check_fits(adapter: PatchAdapter, model, stage: str) -> None:
 
 
 # -- stage 1: the Dual Context Adapter ------------------------------------------------------------------------
-class DualContextPatch:
-    """Everything one Apply Dual Context attaches. Immutable (``__deepcopy__`` returns itself)."""
+class DualContextPatch(ModelPatch):
+    """Everything one Apply Dual Context attaches."""
 
-    def __init__(self, adapter: PatchAdapter, hole: torch.Tensor, strength: float, sigma_range):
+    name = "dca"
+
+    def __init__(self, adapter: PatchAdapter, hole: torch.Tensor, strength: float, sigma_window):
+        super().__init__(sigma_window)
         self.adapter, self.hole, self.strength = adapter, hole, strength      # hole: [B, 1, H, W] CPU, 1 = inpaint
-        self.sigma_start, self.sigma_end = sigma_range
-        self.key = f"consistent_inpaint_dca:{uuid.uuid4().hex}"
         self.z_key = self.key + ":z"
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def wrapper(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        """Once per model call: whether the adapter acts in this step (no sigma read inside attention)."""
-        if in_sigma_range(transformer_options, self.sigma_start, self.sigma_end):
-            transformer_options = {**transformer_options, self.key: True}
-        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
     def keep_input(self, n, context, value, extra):
         """attn2_patch: leave the layer input z for the replace of the same block call."""
@@ -144,13 +120,13 @@ class DualContextPatch:
 
         def build():
             mh, mw = self.hole.shape[-2:]
-            if abs((mw / mh) / (shape[-1] / shape[-2]) - 1) > 0.02 + 2 / min(shape[-2:]):
+            if abs((mw / mh) / (shape[-1] / shape[-2]) - 1) > MASK_ASPECT_TOLERANCE + 2 / min(shape[-2:]):
                 raise ValueError(f"the Dual Context mask is {mw}x{mh} but the latent is {shape[-1]}x{shape[-2]} "
                                  "(another aspect ratio); give the mask of the image being inpainted")
             known = 1 - F.interpolate(self.hole, size=(h, w), mode="area")
             known = row_batch(known.reshape(known.shape[0], h * w, 1), rows, "mask")
             return known.repeat(len(chunks), 1, 1).to(device, dtype)
-        return once_per_run(run_state(self.key), ("known", h, w, tuple(chunks), rows, device, dtype), build)
+        return once_per_run(self.run(), ("known", h, w, tuple(chunks), rows, device, dtype), build)
 
     def combine(self, out, q, k, v, site, extra):
         term = self.term(q, k, v, site, extra)
@@ -164,71 +140,73 @@ class DualContextPatch:
         if z is None:
             raise RuntimeError(f"Dual Context Adapter: the layer input of {site} did not reach its attention "
                                "replace (ComfyUI's attn2_patch/extra_options contract changed?)")
-        chunks = extra.get("cond_or_uncond") or [0]
-        rows = q.shape[0] // len(chunks)
+        chunks, rows = self.chunks_rows(q.shape[0], extra)
         known = self.known_rows(q.shape[1], extra["original_shape"], chunks, rows, q.device, z.dtype)
         mods = self.adapter.modules("dca", site)
         out = pa.dual_context_term(z, q, k, v, known, mods["to_q"], mods["to_k"], mods["to_v"], extra["n_heads"],
-                                   lambda q_, k_, v_, heads: attention(q_, k_, v_, heads, extra))
+                                   bound_attention(extra))
         return out * self.strength
 
     def attach(self, model):
-        m = model.clone()
+        m = self.clone_with_run_scope(model, (self.adapter.patcher,))
         add_site_replaces(m, "attn2", self.adapter.dca, self.combine)
         m.set_model_attn2_patch(self.keep_input)
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, self.key, self.wrapper)
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key,
-                               run_scope(self.key, RunState))
-        m.set_additional_models(self.key, [self.adapter.patcher])
+        compat.add_wrapper(m, compat.DIFFUSION_MODEL, self.key, self.flag_active)
         return m
 
 
 # -- stage 2: reference attention inside each patch -------------------------------------------------------------
+# The inpaint inputs of a fully known reference, per concat key of the model: mask 0, masked image = the latent.
+_REFERENCE_CONCAT = {
+    "mask": lambda latent: torch.zeros_like(latent[:, :1]),
+    "mask_inverted": lambda latent: torch.ones_like(latent[:, :1]),
+    "masked_image": lambda latent: latent,
+    "concat_image": lambda latent: latent,
+}
+
+
 def _reference_concat(keys, latent: torch.Tensor) -> torch.Tensor:
     """The inpaint inputs of a fully known reference: mask 0, masked image = the reference latent."""
-    parts = []
-    for key in keys:
-        if key == "mask":
-            parts.append(torch.zeros_like(latent[:, :1]))
-        elif key == "mask_inverted":
-            parts.append(torch.ones_like(latent[:, :1]))
-        elif key in ("masked_image", "concat_image"):
-            parts.append(latent)
-        else:
-            raise ValueError(f"reference attention does not know the model's concat input {key!r}")
-    return torch.cat(parts, dim=1)
+    unknown = [k for k in keys if k not in _REFERENCE_CONCAT]
+    if unknown:
+        raise ValueError(f"reference attention does not know the model's concat input {unknown[0]!r}")
+    return torch.cat([_REFERENCE_CONCAT[k](latent) for k in keys], dim=1)
 
 
-class ReferencePatch:
+class ReferencePatch(ModelPatch):
     """One batch of patches: their reference latents and, optionally, the Reference Patch Adapter."""
 
+    name = "reference"
+
     def __init__(self, latent: torch.Tensor, adapter: PatchAdapter | None, seed: int, ids: tuple):
+        super().__init__()
         self.latent = latent                   # [P, C, h, w] raw VAE latents of the reference regions, CPU
         self.adapter = adapter if adapter is not None and adapter.rpa else None
         self.seed, self.ids = seed, ids
-        self.key = f"consistent_inpaint_reference:{uuid.uuid4().hex}"
 
-    def __deepcopy__(self, memo):
-        return self
+    def new_run(self):
+        return StepNoise(self.seed)
 
-    def apply_model(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-        base = executor.class_obj
-        chunks = transformer_options.get("cond_or_uncond") or [0]
-        rows = x.shape[0] // len(chunks)
-        if rows != self.latent.shape[0]:
-            raise RuntimeError(f"reference attention: {x.shape[0]} rows in the model call for "
-                               f"{self.latent.shape[0]} patches")
-        run = run_state(self.key)
+    def reference_input(self, base, x, t, c_concat, chunks):
+        """(the reference latents noised to this step's sigma, their concat inputs) for every chunk's rows."""
+        run = self.run()
         sigma = t[:1].float()
         noise = (run.step(float(sigma), self.latent.shape) if run is not None else
                  torch.randn(self.latent.shape, generator=torch.Generator().manual_seed(self.seed)))
         lat = once_per_run(run, ("latent", x.device),
                            lambda: base.process_latent_in(self.latent).to(x.device, torch.float32))
         noisy = base.model_sampling.noise_scaling(sigma.reshape(1, 1, 1, 1), noise.to(x.device), lat)
-        noisy = noisy.repeat(len(chunks), 1, 1, 1).to(x.dtype)
         concat = None if c_concat is None else once_per_run(
             run, ("concat", x.device, len(chunks)),
             lambda: _reference_concat(base.concat_keys, lat).repeat(len(chunks), 1, 1, 1))
+        return noisy.repeat(len(chunks), 1, 1, 1).to(x.dtype), concat
+
+    def apply_model(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        chunks, rows = self.chunks_rows(x.shape[0], transformer_options)
+        if rows != self.latent.shape[0]:
+            raise RuntimeError(f"reference attention: {x.shape[0]} rows in the model call for "
+                               f"{self.latent.shape[0]} patches")
+        noisy, concat = self.reference_input(executor.class_obj, x, t, c_concat, chunks)
         tokens = {}
         executor(noisy, t, concat, c_crossattn, None, {**transformer_options, self.key: ("record", tokens)}, **kwargs)
         return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, self.key: ("read", tokens)},
@@ -245,7 +223,7 @@ class ReferencePatch:
         if mode == "record":
             tokens[site] = n
         elif site in tokens and (self.adapter is None or site not in self.adapter.rpa):
-            return pa.extend_with_reference(n, context, value, tokens[site])
+            return with_reference_tokens(n, context, value, tokens[site])
         return n, context, value
 
     def combine(self, out, q, k, v, site, extra):
@@ -258,20 +236,24 @@ class ReferencePatch:
             return None
         mods = self.adapter.modules("rpa", site)
         out = pa.reference_patch_term(q, state[1][site], mods["to_k"], mods["to_v"], extra["n_heads"],
-                                      lambda q_, k_, v_, heads: attention(q_, k_, v_, heads, extra))
+                                      bound_attention(extra))
         return out * self.adapter.gates[site]
 
     def attach(self, model):
-        m = model.clone()
+        m = self.clone_with_run_scope(model, () if self.adapter is None else (self.adapter.patcher,))
         m.model_options["transformer_options"][PATCH_ID] = self.ids
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, self.key, self.apply_model)
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key,
-                               run_scope(self.key, lambda: StepNoise(self.seed)))
+        compat.add_wrapper(m, compat.APPLY_MODEL, self.key, self.apply_model)
         m.set_model_attn1_patch(self.self_attention)
         if self.adapter is not None:
             add_site_replaces(m, "attn1", self.adapter.rpa, self.combine)
-            m.set_additional_models(self.key, [self.adapter.patcher])
         return m
+
+
+def reference_attacher(adapter: PatchAdapter | None):
+    """``attach(model, latents, seed, ids)`` -> the MODEL with a ReferencePatch for one batch of patches."""
+    def attach(model, latents, seed, ids):
+        return ReferencePatch(latents, adapter, seed, ids).attach(model)
+    return attach
 
 
 # -- nodes ------------------------------------------------------------------------------------------------
@@ -298,7 +280,7 @@ class PatchAdapterLoader(io.ComfyNode):
         return io.NodeOutput(load_patch_adapter(model_path("patch_adapter", adapter), dtype))
 
 
-class ApplyDualContext(io.ComfyNode):
+class ApplyDualContext(PercentRangeNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -319,10 +301,6 @@ class ApplyDualContext(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, start_percent=0.0, end_percent=1.0, **kwargs):
-        return check_percent_range(start_percent, end_percent)
-
-    @classmethod
     def execute(cls, model, patch_adapter, mask, strength, start_percent=0.0, end_percent=1.0):
         if not patch_adapter.dca:
             raise ValueError(f"{patch_adapter.name} holds no Dual Context Adapter (dca.*) weights; it is for stage 2 "
@@ -338,12 +316,6 @@ class ApplyDualContext(io.ComfyNode):
             return io.NodeOutput(model)
         patch = DualContextPatch(patch_adapter, hole.cpu(), strength, sigma_range(model, start_percent, end_percent))
         return io.NodeOutput(patch.attach(model))
-
-
-def _attach_reference(adapter):
-    def attach(model, latents, seed, ids):
-        return ReferencePatch(latents, adapter, seed, ids).attach(model)
-    return attach
 
 
 class HighResPatchRefine(io.ComfyNode):
@@ -367,8 +339,8 @@ class HighResPatchRefine(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True),
                 io.Int.Input("steps", default=20, min=1, max=10000),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS),
+                io.Combo.Input("sampler_name", options=compat.SAMPLERS),
+                io.Combo.Input("scheduler", options=compat.SCHEDULERS),
                 io.Float.Input("denoise", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="How much of each patch is re-generated; the hole starts from the "
                                        "upscaled reference"),
@@ -398,22 +370,20 @@ class HighResPatchRefine(io.ComfyNode):
     @torch.no_grad()
     def execute(cls, model, vae, positive, negative, image, mask, reference, seed, steps, cfg, sampler_name,
                 scheduler, denoise, patch_size, overlap, patch_adapter=None, patch_batch=1, reference_context=1.5):
+        settings = patch_refine.RefineSettings(seed, steps, cfg, sampler_name, scheduler, denoise, patch_size, overlap,
+                                               patch_batch, reference_context)
         # 4K+ images: no image-sized copies beyond the output itself (views for reading, crops per patch).
         img, m = match_image_mask(image_view_bchw(image), mask_view_b1hw(mask))     # views, expanded not copied
-        ref = image_to_bchw(reference, "reference")
         if patch_adapter is not None:
             if patch_adapter.rpa:
                 check_fits(patch_adapter, model, "rpa")
             else:
                 log.info("%s has no Reference Patch Adapter weights; patches extend their self-attention with the "
                          "reference tokens instead", patch_adapter.name)
-        settings = patch_refine.RefineSettings(seed, steps, cfg, sampler_name, scheduler, denoise, patch_size, overlap,
-                                               patch_batch, reference_context)
-        out = img.permute(0, 2, 3, 1).float().clone(memory_format=torch.contiguous_format)
-        plans = patch_refine.refine(model, vae, positive, negative, img, m, ref, out, settings,
-                                    _attach_reference(patch_adapter))
-        grid = torch.stack([patch_refine.patch_grid_preview(img[i], m[i], plans[i])
-                            for i in range(img.shape[0])])
+        job = patch_refine.RefineJob(model, vae, positive, negative, settings, reference_attacher(patch_adapter))
+        out = image_copy(img)
+        plans = patch_refine.refine(job, img, m, image_to_bchw(reference, "reference"), out)
+        grid = torch.stack([patch_refine.patch_grid_preview(img[i], m[i], plans[i]) for i in range(img.shape[0])])
         return io.NodeOutput(out, bchw_to_image(grid))
 
 
@@ -440,15 +410,15 @@ class DownscaleForStage1(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, mask, megapixels, multiple_of=8):
-        img, m = match_image_mask(image_to_bchw(image), mask_to_b1hw(mask))
+        img, m = image_and_mask(image, mask)
         H, W = img.shape[-2:]
-        scale = math.sqrt(megapixels * 1024 * 1024 / (H * W))
+        scale = math.sqrt(megapixels * MEGAPIXEL / (H * W))
         h = max(multiple_of, round(H * scale / multiple_of) * multiple_of)
         w = max(multiple_of, round(W * scale / multiple_of) * multiple_of)
         aa = h < H or w < W
         small = F.interpolate(img, size=(h, w), mode="bicubic", antialias=aa, align_corners=False).clamp(0, 1)
         small_mask = F.interpolate(m, size=(h, w), mode="bilinear", antialias=aa, align_corners=False).clamp(0, 1)
-        return io.NodeOutput(bchw_to_image(small), small_mask[:, 0].cpu())
+        return io.NodeOutput(bchw_to_image(small), b1hw_to_mask(small_mask))
 
 
 NODES = [PatchAdapterLoader, ApplyDualContext, HighResPatchRefine, DownscaleForStage1]

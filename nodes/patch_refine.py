@@ -14,18 +14,19 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 import comfy.model_management as mm
-import comfy.sample
-import comfy.utils
 
 from ..models import patch_adapter as pa
-from .common import row_batch
+from . import comfy_compat as compat
+from .layout import row_batch, vae_decode, vae_encode
 
 log = logging.getLogger(__name__)
+GREY = 0.5          # the value InpaintModelConditioning gives the hole of the masked image it encodes
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,7 @@ class RefineSettings:
     reference_context: float = 1.5
 
 
-def latent_factor(vae) -> int:
-    f = vae.spacial_compression_encode() if hasattr(vae, "spacial_compression_encode") else 8
-    if not isinstance(f, int) or f < 1:
-        raise ValueError(f"this VAE has no single spatial latent factor ({f!r}); use an SD1.5/SDXL VAE")
-    return f
+latent_factor = compat.latent_factor      # the patch grid's alignment (training/patch_adapter.py reads it here)
 
 
 # -- cropping the conditioning to a patch --------------------------------------------------------------------
@@ -133,21 +130,34 @@ def _has_area(conds) -> bool:
 
 
 # -- the patch loop -----------------------------------------------------------------------------------------------
-class _Progress:
-    def __init__(self, total_steps: int):
-        self.bar = comfy.utils.ProgressBar(max(total_steps, 1))
-        self.total, self.done = max(total_steps, 1), 0
+@dataclass(frozen=True)
+class RefineJob:
+    """What every patch of one High-Res Patch Refine run shares. ``attach_reference(model, latents, seed, ids)`` ->
+    the MODEL that samples one batch of patches; ``batch`` patches per sampling call; ``previews`` (optional) gets
+    every sampling step."""
+    model: object
+    vae: object
+    positive: list
+    negative: list
+    settings: RefineSettings
+    attach_reference: Callable
+    batch: int = 1
+    previews: Optional[compat.StepPreviews] = None
 
-    def callback(self, steps: int):
-        base = self.done
 
-        def cb(step, x0, x, total):
-            self.bar.update_absolute(min(base + step + 1, self.total), self.total)
-        self.done += steps
-        return cb
+@dataclass
+class _Picture:
+    """One image being refined: image [1, 3, H, W] (any strides: a view of the IMAGE), mask [1, 1, H, W]
+    (1 = inpaint), reference [1, 3, h, w] and its latent, the plan, and the canvas the patches blend into."""
+    image: torch.Tensor
+    mask: torch.Tensor
+    reference: torch.Tensor
+    ref_latent: torch.Tensor
+    plan: pa.PatchPlan
+    canvas: pa.PatchCanvas
 
 
-def _reference_tokens_latent(ref_latent, boxes, height, width, factor, context):
+def reference_latents(ref_latent, boxes, height, width, factor, context):
     """[P, C, h, w]: the reference latent under each patch (grown by ``context``), at most the patch's latent size."""
     out = []
     for b in boxes:
@@ -161,74 +171,97 @@ def _reference_tokens_latent(ref_latent, boxes, height, width, factor, context):
     return torch.cat(out)
 
 
-def refine_image(model, vae, positive, negative, image, mask, reference, out, plan: pa.PatchPlan, batch: int,
-                 s: RefineSettings, attach_reference, progress: _Progress | None, first_id: int = 0) -> None:
-    """One image: image [1, 3, H, W] (any strides: a view of the IMAGE), mask [1, 1, H, W] (1 = inpaint), reference
-    [1, 3, h, w], its ``plan``; ``batch`` patches per sampling call. Writes the result into ``out`` ([H, W, 3], a copy
-    of the image) inside the mask only. ``attach_reference(model, latents, seed, ids)`` -> MODEL.
+def patch_pixels(pic: _Picture, boxes) -> tuple[torch.Tensor, torch.Tensor]:
+    """([P, 3, h, w], [P, 1, h, w]): each patch as the canvas has it so far (its hole filled from the reference
+    resized to full resolution where no patch landed yet) and its hole."""
+    H, W = pic.image.shape[-2:]
+    pixels, holes = [], []
+    for b in boxes:
+        hole = pa.crop_padded(pic.mask, b, "constant")[0].float()
+        filled = (pa.crop_padded(pic.image, b)[0].float() * (1 - hole)
+                  + pa.sample_reference(pic.reference, b, H, W)[0].clamp(0, 1) * hole)
+        pixels.append(pic.canvas.read(b, filled))
+        holes.append(hole)
+    return torch.stack(pixels), torch.stack(holes)
 
-    Nothing image-sized is allocated here: patches are cropped (and padded at the bottom/right edge) one at a time,
-    the canvas covers the union of the planned patches, and the composite is written in bands."""
-    H, W = image.shape[-2:]
-    f = latent_factor(vae)
-    Hp, Wp = plan.height, plan.width
-    ref_latent = vae.encode(reference.movedim(1, -1)).float().cpu()
-    inpaint_model = bool(getattr(model.model, "concat_keys", ()))
-    canvas = pa.PatchCanvas(3, Hp, Wp, s.overlap, pa.union_box(plan.selected))
+
+def inpaint_inputs(job: RefineJob, pixels, holes) -> tuple[torch.Tensor, Optional[dict]]:
+    """(the patches' latent, the inpaint model's concat inputs or None): for an inpainting model one VAE call
+    encodes the patches and their greyed-hole copies, as InpaintModelConditioning builds them."""
+    if not getattr(job.model.model, "concat_keys", ()):
+        return vae_encode(job.vae, pixels), None
+    grey = (pixels - GREY) * (1 - holes.round()) + GREY
+    latent, concat = vae_encode(job.vae, torch.cat([pixels, grey])).split(len(pixels))
+    return latent, {"concat_latent_image": concat, "concat_mask": holes}
+
+
+def patch_noise(shape, seed: int, ids) -> torch.Tensor:
+    """The initial noise of each patch from its own seed (seed + patch id), so a patch's noise does not depend on
+    the batch it is sampled in."""
+    return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i), dtype=torch.float32)[None]
+                      for i in ids])
+
+
+def sample_patches(job: RefineJob, pic: _Picture, boxes, ids) -> torch.Tensor:
+    """One sampling call for a batch of patches -> their decoded pixels [P, 3, h, w]."""
+    s, f = job.settings, latent_factor(job.vae)
+    H, W = pic.image.shape[-2:]
+    pixels, holes = patch_pixels(pic, boxes)
+    latent, extra = inpaint_inputs(job, pixels, holes)
+    pos = crop_conditioning(job.positive, boxes, pic.plan.height, pic.plan.width, f, extra)
+    neg = crop_conditioning(job.negative, boxes, pic.plan.height, pic.plan.width, f, extra)
+    refs = reference_latents(pic.ref_latent, boxes, H, W, f, s.reference_context)
+    model = job.attach_reference(job.model, refs, s.seed + ids[0], ids)
+    callback = job.previews.callback(s.steps) if job.previews else None
+    samples = compat.sample(model, patch_noise(latent.shape[1:], s.seed, ids), latent, s, (pos, neg), holes, callback,
+                            s.seed + ids[0])
+    return vae_decode(job.vae, samples)
+
+
+def refine_picture(job: RefineJob, image, mask, reference, out, plan: pa.PatchPlan, first_id: int = 0) -> None:
+    """One image (see ``_Picture``) and its ``plan``: writes the result into ``out`` ([H, W, 3], a copy of the image)
+    inside the mask only. Nothing image-sized is allocated: patches are cropped (and padded at the bottom/right edge)
+    one at a time, the canvas covers the union of the planned patches, and the composite is written in bands."""
+    ref_latent = vae_encode(job.vae, reference).float().cpu()
+    canvas = pa.PatchCanvas(3, plan.height, plan.width, job.settings.overlap, pa.union_box(plan.selected))
+    pic = _Picture(image, mask, reference, ref_latent, plan, canvas)
     order = list(enumerate(plan.selected))
-    for start in range(0, len(order), batch):
+    for start in range(0, len(order), job.batch):
         mm.throw_exception_if_processing_interrupted()
-        chunk = order[start:start + batch]
-        ids = tuple(first_id + i for i, _ in chunk)
+        chunk = order[start:start + job.batch]
         boxes = [b for _, b in chunk]
-        pixels, masks = [], []
-        for b in boxes:
-            hole = pa.crop_padded(mask, b, "constant")[0].float()
-            filled = (pa.crop_padded(image, b)[0].float() * (1 - hole)
-                      + pa.sample_reference(reference, b, H, W)[0].clamp(0, 1) * hole)
-            pixels.append(canvas.read(b, filled))
-            masks.append(hole)
-        px, mk = torch.stack(pixels), torch.stack(masks)                      # [P, 3, h, w], [P, 1, h, w]
-        extra = None
-        if inpaint_model:                       # one VAE call for the patch and its greyed-hole copy
-            grey = (px - 0.5) * (1 - mk.round()) + 0.5
-            latent, concat = vae.encode(torch.cat([px, grey]).movedim(1, -1)).split(len(boxes))
-            extra = {"concat_latent_image": concat, "concat_mask": mk}
-        else:
-            latent = vae.encode(px.movedim(1, -1))
-        pos = crop_conditioning(positive, boxes, Hp, Wp, f, extra)
-        neg = crop_conditioning(negative, boxes, Hp, Wp, f, extra)
-        latent = comfy.sample.fix_empty_latent_channels(model, latent)
-        noise = torch.cat([torch.randn(latent.shape[1:], generator=torch.Generator().manual_seed(s.seed + i),
-                                       dtype=torch.float32)[None] for i in ids])
-        refs = _reference_tokens_latent(ref_latent, boxes, H, W, f, s.reference_context)
-        patched = attach_reference(model, refs, s.seed + ids[0], ids)
-        samples = comfy.sample.sample(patched, noise, s.steps, s.cfg, s.sampler_name, s.scheduler, pos, neg, latent,
-                                      denoise=s.denoise, noise_mask=mk,
-                                      callback=progress.callback(s.steps) if progress else None, disable_pbar=True,
-                                      seed=s.seed + ids[0])
-        decoded = vae.decode(samples).movedim(-1, 1).float().cpu()
+        decoded = sample_patches(job, pic, boxes, tuple(first_id + i for i, _ in chunk))
         for b, d in zip(boxes, decoded):
-            canvas.add(b, d[:3, :b.h, :b.w])
+            canvas.add(b, d[:, :b.h, :b.w])
     canvas.composite_into(out, image[0], mask[0, 0])
 
 
-def refine(model, vae, positive, negative, image, mask, reference, out, s: RefineSettings, attach_reference):
+def refine_image(model, vae, positive, negative, image, mask, reference, out, plan, batch, s, attach_reference,
+                 progress):
+    """The former entry point, kept only for training/patch_adapter.py's sample images until it calls
+    :func:`refine_picture` with a :class:`RefineJob` (it may not be edited here); nothing in nodes/ uses it."""
+    refine_picture(RefineJob(model, vae, positive, negative, s, attach_reference, batch, progress), image, mask,
+                   reference, out, plan)
+
+
+def refine(job: RefineJob, image, mask, reference, out):
     """image [B, 3, H, W] (a view), mask [B, 1, H, W], reference [B or 1, 3, h, w]; ``out`` [B, H, W, 3] holds a
-    copy of the image and receives the results. Returns the plans."""
-    f = latent_factor(vae)
+    copy of the image and receives the results. Plans the patches, sends progress and live previews over all of
+    them, and returns the plans."""
+    s, f = job.settings, latent_factor(job.vae)
     pa.check_patch_settings(s.patch_size, s.overlap, f)
     B = image.shape[0]
     reference = row_batch(reference, B, "reference")
     pa.check_reference_aspect(reference.shape[-2], reference.shape[-1], image.shape[-2], image.shape[-1])
     plans = [pa.plan_patches(mask[i, 0], s.patch_size, s.overlap, f) for i in range(B)]
-    batch = 1 if _has_area(positive) or _has_area(negative) else s.patch_batch     # an area crop is per patch
-    progress = _Progress(sum(math.ceil(len(p.selected) / batch) for p in plans) * s.steps)
+    batch = 1 if _has_area(job.positive) or _has_area(job.negative) else s.patch_batch   # an area crop is per patch
+    calls = sum(math.ceil(len(p.selected) / batch) for p in plans)
+    job = RefineJob(job.model, job.vae, job.positive, job.negative, s, job.attach_reference, batch,
+                    compat.StepPreviews(job.model, calls * s.steps))
     first = 0
     for i, plan in enumerate(plans):
         if plan.selected:
-            refine_image(model, vae, positive, negative, image[i:i + 1], mask[i:i + 1], reference[i:i + 1], out[i],
-                         plan, batch, s, attach_reference, progress, first)
+            refine_picture(job, image[i:i + 1], mask[i:i + 1], reference[i:i + 1], out[i], plan, first)
             first += len(plan.selected)
     return plans
 

@@ -93,7 +93,8 @@ from ..models.weights import load_weights, safetensors_metadata, tensor_dict
 from ..nodes import patch_refine
 from ..nodes.branch_unet import transformer_sites
 from ..nodes.common import wrap_patcher
-from ..nodes.patch_adapter import DualContextPatch, PatchAdapter, PatchAdapterNet, ReferencePatch, reference_attacher as _attach_reference  # noqa: E501
+from ..models.patch_adapter import PatchAdapterNet
+from ..nodes.patch_adapter import DualContextPatch, PatchAdapter, ReferencePatch, reference_attacher as _attach_reference
 from ..nodes.patch_refine import reference_latents as _reference_tokens_latent
 from .common import (Engine, ImageFolder, Item, Loop, PromptEncoder, TrainOptions, checkpointed_blocks, evaluating,
                      load_base, load_on_device, parse_config, require_epsilon, sample_conds, sampler_options,

@@ -169,29 +169,29 @@ def test_wrong_file_in_loader_names_expected_layout(comfy, run_prompt, graph, as
         run_prompt(g2)
 
 
-def test_latent_of_wrong_channels_or_size_is_rejected(comfy, run_prompt, graph, asuka_files):
-    g = graph
+def _sd_decode(g, image, mask, latent_side):
+    """Harmonizing Decode (the SD test decoder, whole image) of an empty latent of ``latent_side`` pixels."""
     dec = g.node("ConsistentInpaintHarmonizingDecoderLoader", decoder="decoder_sd_test.ckpt")
-    image = g.node("CITestNoiseImage", width=64, height=64, batch_size=1, seed=1)
-    mask = g.node("CITestRectMask", width=64, height=64, x=0, y=0, w=8, h=8)
-    latent = g.node("EmptyLatentImage", width=96, height=96, batch_size=1)
+    latent = g.node("EmptyLatentImage", width=latent_side, height=latent_side, batch_size=1)
     d = g.node("ConsistentInpaintHarmonizingDecode", samples=latent.out(0), decoder=dec.out(0), image=image.out(0),
                mask=mask.out(0), tile_size=0, overlap=16)
     g.node("CITestCapture", value=d.out(0))
+    return d
+
+
+def test_latent_of_wrong_channels_or_size_is_rejected(comfy, run_prompt, graph, asuka_files):
+    g = graph
+    image = g.node("CITestNoiseImage", width=64, height=64, batch_size=1, seed=1)
+    _sd_decode(g, image, g.node("CITestRectMask", width=64, height=64, x=0, y=0, w=8, h=8), 96)
     with pytest.raises(comfy.PromptError, match="latent decodes to 96x96 but image is 64x64"):
         run_prompt(g)
 
 
 def test_decode_accepts_image_rounded_down_to_the_latent_like_core_inpaint(comfy, run_prompt, graph, asuka_files):
     g = graph
-    dec = g.node("ConsistentInpaintHarmonizingDecoderLoader", decoder="decoder_sd_test.ckpt")
     noise = g.node("CITestNoiseImage", width=64, height=64, batch_size=1, seed=1)
     image = g.node("ImageScale", image=noise.out(0), upscale_method="nearest-exact", width=68, height=70, crop="disabled")
-    mask = g.node("CITestRectMask", width=68, height=70, x=10, y=10, w=20, h=20)
-    latent = g.node("EmptyLatentImage", width=64, height=64, batch_size=1)
-    d = g.node("ConsistentInpaintHarmonizingDecode", samples=latent.out(0), decoder=dec.out(0), image=image.out(0),
-               mask=mask.out(0), tile_size=0, overlap=16)
-    g.node("CITestCapture", value=d.out(0))
+    d = _sd_decode(g, image, g.node("CITestRectMask", width=68, height=70, x=10, y=10, w=20, h=20), 64)
     out = run_prompt(g).output(d.id, 0)
     assert tuple(out.shape) == (1, 64, 64, 3) and torch.isfinite(out).all()
 
@@ -200,16 +200,16 @@ def test_rgba_and_grayscale_images_are_accepted_and_other_channel_counts_rejecte
                                                                                    asuka_files):
     import sys
     cls = comfy.nodes.NODE_CLASS_MAPPINGS["ConsistentInpaintASUKAConditioning"]
-    common = sys.modules[cls.__module__.rsplit(".", 1)[0] + ".common"]
+    layout = sys.modules[cls.__module__.rsplit(".", 1)[0] + ".layout"]
     rgb = torch.rand(2, 8, 10, 3)
     rgba = torch.cat([rgb, torch.rand(2, 8, 10, 1)], -1)
-    assert torch.equal(common.image_to_bchw(rgba), common.image_to_bchw(rgb))
-    gray = common.image_to_bchw(rgb[..., :1])
+    assert torch.equal(layout.image_to_bchw(rgba), layout.image_to_bchw(rgb))
+    gray = layout.image_to_bchw(rgb[..., :1])
     assert gray.shape == (2, 3, 8, 10) and torch.equal(gray[:, 0], gray[:, 2])
     with pytest.raises(ValueError, match="has 2 channels"):
-        common.image_to_bchw(rgb[..., :2])
+        layout.image_to_bchw(rgb[..., :2])
     with pytest.raises(ValueError, match="NaN"):
-        common.image_to_bchw(torch.full((1, 4, 4, 3), float("nan")))
+        layout.image_to_bchw(torch.full((1, 4, 4, 3), float("nan")))
     # and through a real graph: an RGBA image made by core nodes
     g = graph
     image = g.node("CITestNoiseImage", width=64, height=64, batch_size=1, seed=4)

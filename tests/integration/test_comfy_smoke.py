@@ -37,19 +37,23 @@ def _inpaint_mask(g, size=64, hole=32):
     return g.node("MaskComposite", destination=zeros.out(0), source=ones.out(0), x=off, y=off, operation="add")
 
 
+def _inpaint_and_sample(g, model, vae, conds, image, noise_mask, steps, cfg, scheduler):
+    """Core InpaintModelConditioning of ``image`` with the centred hole, KSampler, VAEDecode -> (sampler, decode)."""
+    cond = g.node("InpaintModelConditioning", positive=conds[0].out(0), negative=conds[1].out(0), vae=vae,
+                  pixels=image.out(0), mask=_inpaint_mask(g).out(0), noise_mask=noise_mask)
+    sampler = g.node("KSampler", model=model, seed=0, steps=steps, cfg=cfg, sampler_name="euler",
+                     scheduler=scheduler, positive=cond.out(0), negative=cond.out(1), latent_image=cond.out(2),
+                     denoise=1.0)
+    return sampler, g.node("VAEDecode", samples=sampler.out(0), vae=vae)
+
+
 def test_core_sd15_inpaint_graph_runs_headless(comfy, run_prompt, graph, sd15_inpaint_ckpt):
     g = graph
     ckpt = g.node("CheckpointLoaderSimple", ckpt_name=sd15_inpaint_ckpt)
     pos = g.node("CLIPTextEncode", text="a red brick wall", clip=ckpt.out(1))
     neg = g.node("CLIPTextEncode", text="", clip=ckpt.out(1))
     image = g.node("EmptyImage", width=64, height=64, batch_size=1, color=0x808080)
-    mask = _inpaint_mask(g)
-    cond = g.node("InpaintModelConditioning", positive=pos.out(0), negative=neg.out(0), vae=ckpt.out(2),
-                  pixels=image.out(0), mask=mask.out(0), noise_mask=True)
-    sampler = g.node("KSampler", model=ckpt.out(0), seed=0, steps=2, cfg=2.0, sampler_name="euler",
-                     scheduler="normal", positive=cond.out(0), negative=cond.out(1), latent_image=cond.out(2),
-                     denoise=1.0)
-    decode = g.node("VAEDecode", samples=sampler.out(0), vae=ckpt.out(2))
+    sampler, decode = _inpaint_and_sample(g, ckpt.out(0), ckpt.out(2), (pos, neg), image, True, 2, 2.0, "normal")
     preview = g.node("PreviewImage", images=decode.out(0))
 
     result = run_prompt(g)
@@ -103,13 +107,7 @@ def test_core_flux_fill_graph_runs_headless(comfy, run_prompt, graph, flux_fill_
     pos = g.node("FluxGuidance", conditioning=text.out(0), guidance=30.0)
     neg = g.node("ConditioningZeroOut", conditioning=text.out(0))
     image = g.node("CITestNoiseImage", width=64, height=64, batch_size=1, seed=0)
-    mask = _inpaint_mask(g)
-    cond = g.node("InpaintModelConditioning", positive=pos.out(0), negative=neg.out(0), vae=vae.out(0),
-                  pixels=image.out(0), mask=mask.out(0), noise_mask=False)
-    sampler = g.node("KSampler", model=unet.out(0), seed=0, steps=1, cfg=1.0, sampler_name="euler",
-                     scheduler="simple", positive=cond.out(0), negative=cond.out(1), latent_image=cond.out(2),
-                     denoise=1.0)
-    decode = g.node("VAEDecode", samples=sampler.out(0), vae=vae.out(0))
+    sampler, decode = _inpaint_and_sample(g, unet.out(0), vae.out(0), (pos, neg), image, False, 1, 1.0, "simple")
     g.node("CITestCapture", value=decode.out(0))
 
     result = run_prompt(g)

@@ -270,6 +270,26 @@ def test_highres_refine_at_2048(comfy, run_prompt, graph, files, calls, rect):
     assert len({v for v, _ in progress}) == 2 * n
 
 
+def test_highres_refine_sends_a_live_preview_per_step_like_ksampler(comfy, run_prompt, graph, files, monkeypatch):
+    """With a preview method set (ComfyUI's --preview-method), every sampling step of every patch sends a preview
+    image through the progress hook, as KSampler's latent_preview callback does; with none set, none is sent."""
+    from comfy.cli_args import LatentPreviewMethod, args
+    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod.Latent2RGB)
+    node, image, mask = _stage2(graph, files, (100, 120, 300, 200), size=512, ref=(256, 256), steps=2)
+    res = run_prompt(graph)
+    n = len(_expected_patches(comfy, res.output(mask.id)))
+    assert n >= 2
+    progress = [e for e in res.events("progress") if e["node"] == node.id]
+    previews = res.events("preview_image")
+    assert len(previews) == len(progress) == 2 * n                       # one per step of every patch
+    for fmt, picture, _ in previews:
+        assert fmt == "JPEG" and picture.size == (PATCH // 8, PATCH // 8)   # the patch's latent, as RGB
+    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod.NoPreviews)
+    g = comfy.graph()
+    _stage2(g, files, (100, 120, 300, 200), size=512, ref=(256, 256), steps=2, seed=1)
+    assert not run_prompt(g).events("preview_image")
+
+
 def test_reference_patch_adapter_weights_take_over(comfy, run_prompt, graph, files, calls):
     node, image, mask = _stage2(graph, files, (100, 120, 300, 200), size=1024, ref=(256, 256),
                                 adapter="pa_sd15.safetensors")

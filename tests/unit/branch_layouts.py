@@ -48,6 +48,14 @@ class _Writer:
         if bias:
             self.t(f"{name}.bias", (cout,), zero)
 
+    def embeddings(self, time: tuple, label: tuple, ch, temb, adm):
+        """The timestep MLP (two linears, named ``time``) and, with ``adm``, the label MLP (named ``label``)."""
+        self.linear(time[0], ch, temb)
+        self.linear(time[1], temb, temb)
+        if adm is not None:
+            self.linear(label[0], adm, temb)
+            self.linear(label[1], temb, temb)
+
     def norm(self, name, ch):
         self.t(f"{name}.weight", (ch,))
         self.t(f"{name}.bias", (ch,))
@@ -105,11 +113,8 @@ def diffusers_branch(block_out, context_dim, linear, adm, attn_down, attn_mid, a
     w = _Writer(seed, device, dtype, zero_init)
     c0, temb = block_out[0], 4 * block_out[0]
     w.conv("conv_in_condition", 9, c0, 3)
-    w.linear("time_embedding.linear_1", c0, temb)
-    w.linear("time_embedding.linear_2", temb, temb)
-    if adm is not None:
-        w.linear("add_embedding.linear_1", adm, temb)
-        w.linear("add_embedding.linear_2", temb, temb)
+    w.embeddings(("time_embedding.linear_1", "time_embedding.linear_2"),
+                 ("add_embedding.linear_1", "add_embedding.linear_2"), c0, temb, adm)
     zero_down = [c0]
     out = c0
     for b, ch in enumerate(block_out):
@@ -184,11 +189,7 @@ def painternet(base="sd15", small=False, seed=0, device="cpu", dtype=torch.float
     w = _Writer(seed, device, dtype, zero_init)
     mc, temb = chans[0], 4 * chans[0]
     w.conv("input_blocks.0.0", 9, mc, 3)
-    w.linear("time_embed.0", mc, temb)
-    w.linear("time_embed.2", temb, temb)
-    if adm is not None:
-        w.linear("label_emb.0.0", adm, temb)
-        w.linear("label_emb.0.2", temb, temb)
+    w.embeddings(("time_embed.0", "time_embed.2"), ("label_emb.0.0", "label_emb.0.2"), mc, temb, adm)
     acp = []                   # channels of each attn2, forward order
     skips = [mc]
     ch, ib = mc, 1

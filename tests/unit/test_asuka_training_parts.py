@@ -10,12 +10,13 @@ import torch
 
 import layouts
 from models import asuka_mae, harmonizing_decoder, imaging, masks
+from models.regions import bounding_box
 from models.weights import build_from_state_dict
 
 
 def _bbox_filled(m: torch.Tensor) -> bool:
-    box = masks.bounding_box(m)
-    return box is not None and bool(m[box[0]:box[2], box[1]:box[3]].all())
+    box = bounding_box(m)
+    return box is not None and bool(m[box[0]:box[1], box[2]:box[3]].all())
 
 
 def test_asuka_mask_odds_and_ratio_range():

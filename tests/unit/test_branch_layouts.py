@@ -56,10 +56,10 @@ def test_detect_full_size(name):
     assert (cfg["num_heads"], cfg["num_head_channels"]) == (heads, head_ch)
     assert cfg["use_spatial_transformer"] == (ctx is not None)
     assert cfg["num_classes"] == ("sequential" if adm else None)
-    assert (spec.n_down, spec.n_up, spec.n_acp) == (n_down, n_up, n_acp)
+    assert (spec.n_down, spec.n_up, len(spec.acp_sites)) == (n_down, n_up, n_acp)
     assert spec.uses_context == (ctx is not None) and spec.uses_y == (adm is not None)
     assert spec.layout == ("internal" if kind == "painternet" else "diffusers")
-    assert spec.prompt_free == (name == "brushnet_sd15")
+    assert (not (spec.uses_context or spec.uses_y)) == (name == "brushnet_sd15")   # no prompt reaches it
     assert spec.base_context_dim == {"sd15": 768, "sdxl": 2048}[base]
     shapes = internal_shapes(spec)
     assert [shapes[f"zero_down.{k}.weight"][0] for k in range(n_down)] == list(spec.down_channels)
@@ -139,7 +139,7 @@ def test_small_configs_keep_the_structure():
     assert cfg["model_channels"] == 32 and cfg["channel_mult"] == [1, 2, 4]
     assert cfg["transformer_depth"] == [0, 0, 1, 1, 1, 1] and cfg["transformer_depth_middle"] == 1
     assert cfg["adm_in_channels"] == 2816 and cfg["context_dim"] == 2048 and cfg["use_linear_in_transformer"]
-    assert (xl.n_down, xl.n_up, xl.n_acp) == (9, 11, 4 + 1 + 6)
+    assert (xl.n_down, xl.n_up, len(xl.acp_sites)) == (9, 11, 4 + 1 + 6)
     bn = detect(W.brushnet_sdxl(small=True))
     assert (bn.kind, bn.base, bn.unet_config["model_channels"]) == ("brushnet", "sdxl", 32)
     assert convert(W.brushnet_sd15(small=True), detect(W.brushnet_sd15(small=True)))["zero_mid.weight"].shape[0] == 128
@@ -275,7 +275,7 @@ def test_load_branch_from_files(tmp_path):
     p = W.write_painternet(tmp_path / "pn.safetensors", "sdxl", small=True, zero_init=True)
     assert safetensors_metadata(p) == W.painternet_metadata("sdxl")
     spec, sd = load_branch(p)
-    assert spec.kind == "painternet" and spec.base == "sdxl" and spec.n_acp == 11
+    assert spec.kind == "painternet" and spec.base == "sdxl" and len(spec.acp_sites) == 11
     assert float(sd["zero_attn.3.weight"].abs().sum()) == 0 and float(sd["zero_up.0.bias"].abs().sum()) == 0
     assert float(sd["input_blocks.0.0.weight"].abs().sum()) > 0
     src = W.brushnet_sd15(small=True, seed=5)

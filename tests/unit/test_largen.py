@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 import largen_layouts as L
 from models import largen
-from models.layers import sdpa_attention
+from models.layers import sdpa_attention, with_reference_tokens
 from models.weights import CheckpointFormatError, load_weights, tensor_dict
 
 # -- checkpoint split -------------------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def test_self_attention_over_own_and_reference_tokens_against_float64():
     C, heads = 128, 2
     to_q, to_k, to_v = (torch.nn.Linear(C, C, bias=False) for _ in range(3))
     n, ref = torch.randn(2, 16, C), torch.randn(2, 9, C)
-    q, ctx, val = largen.with_reference_tokens(n, n, n, ref)
+    q, ctx, val = with_reference_tokens(n, n, n, ref)
     assert q is n and ctx.shape == (2, 25, C)
     with torch.no_grad():
         got = sdpa_attention(to_q(q), to_k(ctx), to_v(val), heads)
@@ -211,12 +211,3 @@ def test_self_attention_over_own_and_reference_tokens_against_float64():
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("tokens,h,w,want", [(16384, 128, 128, (128, 128)), (1024, 128, 128, (32, 32)),
-                                             (12 * 9, 45, 33, (12, 9)), (45 * 33, 45, 33, (45, 33))])
-def test_latent_grid(tokens, h, w, want):
-    assert largen.latent_grid(tokens, h, w) == want
-
-
-def test_latent_grid_rejects_foreign_counts():
-    with pytest.raises(ValueError, match="cannot place 77"):
-        largen.latent_grid(77, 64, 64)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from models import masks
+from models.regions import bounding_box
 
 
 def _seg(H=48, W=40, box=(10, 22, 12, 30)):
@@ -42,7 +43,7 @@ def test_box_contains_the_object_and_stays_within_the_expansion():
     s = masks.PainterMaskSettings()
     for seed in range(40):
         box = masks.box_mask(seg, torch.Generator().manual_seed(seed), s)
-        t, l, b, r = masks.bounding_box(box)
+        t, b, l, r = bounding_box(box)
         assert box[t:b, l:r].all() and box.sum() == (b - t) * (r - l)          # one filled rectangle
         assert t <= 10 and l <= 12 and b >= 22 and r >= 30                    # holds the object's box
         assert 10 - t <= round(s.box_expand * 12) and b - 22 <= round(s.box_expand * 12)
