@@ -145,7 +145,8 @@ def validation_losses(losses_fn, batch, seed: int) -> dict:
 def save_image(path: Path, images: list[torch.Tensor]) -> None:
     """[3, H, W] tensors in [0, 1], side by side, as a PNG."""
     row = torch.cat([i.detach().float().cpu().clamp(0, 1) for i in images], dim=-1)
-    Image.fromarray((row.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+    picture = Image.fromarray((row.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    write_atomic(Path(path), lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def nearest(mask: torch.Tensor, hw) -> torch.Tensor:

@@ -411,7 +411,8 @@ class Loop:
                 if step % self.save_every == 0 or step == self.steps or stop:
                     path, saved = self._save(step, state_path), step
                 if stop:
-                    log.info("%s received: saved step %d, exiting", stop_sig.raised or "a stop signal", step)
+                    if acc.is_main_process:
+                        log.info("%s received: saved step %d, exiting", stop_sig.raised or "a stop signal", step)
                     break
         if bar is not None:
             bar.close()

@@ -63,9 +63,9 @@ import comfy.utils
 from ..models import largen, zoom
 from ..models.weights import load_weights, tensor_dict
 from ..nodes.common import wrap_patcher
-from ..nodes.largen import (SDXL_CONTEXT, SDXL_POOLED, RefineNetModel, RefinePatch, SubjectPatch, clip_width_error as _clip_width_error,  # noqa: E501
-                            encode_subject, encode_zero_image, largen_from_parts, load_refinenet,
-                            refinenet_from_parts, subject_latent)
+from ..nodes.largen import (SDXL_CONTEXT, SDXL_POOLED, RefineNetModel, RefinePatch, SubjectPatch, encode_subject,
+                            encode_zero_image, largen_from_parts, load_refinenet, refinenet_from_parts, subject_latent)
+from ..nodes.largen import clip_width_error as _clip_width_error
 from .common import (Engine, ImageFolder, Item, Loop, MASK_SUFFIX, PromptEncoder, TrainOptions, checkpointed_blocks,
                      load_on_device, parse_config, require_epsilon, sample_conds, sampler_options, save_image, sdxl_y,
                      unet_blocks, validation_losses, write_atomic)
@@ -268,6 +268,9 @@ class LARGenTrainer:
         # what state.pt keeps: the trainable tensors themselves (loading copies into them)
         self.trainable = nn.ParameterDict({n.replace(".", "__"): p for n, p in named.items()})
         self.optimizer = torch.optim.AdamW(list(named.values()), lr=cfg.lr)
+        if self.engine.sharded and self.stage == 1:
+            raise ValueError("FSDP shards a module the trainer runs whole; stage 1 trains tensors spread over the "
+                             "main UNet and the adapter: launch it with DDP (--multi_gpu), FSDP is for stage 2")
         # what the engine wraps (DDP / FSDP): stage 2 the RefineNet (a whole UNet copy: FSDP shards it), stage 1 the
         # trained tensors themselves
         self.engine.prepare(self.refine.net if self.stage == 2 else self.trainable, self.optimizer,

@@ -30,10 +30,7 @@ import comfy.sd
 
 from ..models import branch_layouts, masks
 from ..models.atal import actual_token_mask, atal_loss
-try:
-    from ..models.sites import latent_grid
-except ImportError:                      # before models/sites.py (the refactor moving it there) is in
-    from ..models.largen import latent_grid
+from ..models.sites import latent_grid
 from ..nodes.branch import BranchPatch, InpaintBranch
 from ..nodes.branch_unet import ATTENTION_PROBE, GRADIENT_CHECKPOINT, BranchNet
 from ..nodes.common import wrap_patcher

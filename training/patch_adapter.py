@@ -85,10 +85,7 @@ import comfy.sd
 
 from ..models import masks
 from ..models import patch_adapter as pa
-try:
-    from ..models.sites import site_name
-except ImportError:                      # before models/sites.py (the refactor moving it there) is in
-    from ..models.largen import site_name
+from ..models.sites import site_name
 from ..models.weights import load_weights, safetensors_metadata, tensor_dict
 from ..nodes import patch_refine
 from ..nodes.branch_unet import transformer_sites

@@ -314,7 +314,7 @@ def test_mixed_precision_and_checkpointing_steps_run(comfy, files, tmp_path, che
         losses[mp] = trainer.train_step(batch, 0)["loss"]
         assert all(p.dtype == torch.float32 for p in trainer.module.parameters())
     assert calls
-    for mp in ("bf16", "fp16"):
+    for mp in ("bf16", "fp16"):          # fp16 on the CPU: the engine trains in float32 (no autocast there)
         assert np.isfinite(losses[mp]) and losses[mp] == pytest.approx(losses["no"], rel=0.05), (mp, losses)
 
 

@@ -70,10 +70,17 @@ def loss_rows(out: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+def half_modes(modes=("bf16", "fp16")) -> tuple:
+    """The engine's mixed precision modes that autocast here: accelerate runs fp16 on GPUs only (on the CPU it trains
+    in float32, without autocast), bf16 on both."""
+    return tuple(m for m in modes if m != "fp16" or torch.cuda.is_available())
+
+
 def mixed_precision_losses(make_trainer, batch_of, params_of, modes=("bf16", "fp16")) -> dict:
-    """One optimiser step under each of no / bf16 / fp16 from the same start (``make_trainer(mode)``, ``batch_of(
-    trainer)``) -> {mode: loss}; every trained weight (``params_of(trainer)``: name -> parameter) must stay float32
-    and finite, and some must have moved (checked here)."""
+    """One optimiser step under each of no / bf16 / fp16 (where the engine autocasts: :func:`half_modes`) from the
+    same start (``make_trainer(mode)``, ``batch_of(trainer)``) -> {mode: loss}; every trained weight (``params_of(
+    trainer)``: name -> parameter) must stay float32 and finite, and some must have moved (checked here)."""
+    modes = half_modes(modes)
     out = {}
     for mp in ("no", *modes):
         trainer = make_trainer(mp)
