@@ -152,6 +152,7 @@ def apply_layout(page: Page, stages):
     page.js("""
         const graph = window.app.graph, LG = window.LiteGraph;
         for (const g of [...graph.groups]) graph.remove(g);
+        if (graph.state) graph.state.lastGroupId = 0;      // group ids 1.. in column order, run after run
         // groups first: moving a group moves the nodes inside it
         for (const g of a1) {
             const group = new LG.LGraphGroup(g.title);
@@ -238,9 +239,19 @@ def thumbnail(img, center_x: float) -> bytes:
     return buf.getvalue()
 
 
+KEY_TYPES = ["ConsistentInpaintASUKAConditioning", "ConsistentInpaintHighResPatchRefine",
+             "ConsistentInpaintApplySubjectAttention", "ConsistentInpaintApplyBranch",
+             "ConsistentInpaintHarmonizingDecode"]
+
+
 def key_node(page: Page) -> dict:
-    """The node a thumbnail centres on: the pack's first node that is not a loader, in column order."""
+    """The node a thumbnail centres on: the method's own node (KEY_TYPES, in that order of preference), else the
+    pack's first node that is not a loader, in column order."""
     nodes = sorted(page.nodes(), key=lambda n: (n["pos"][0], n["pos"][1]))
+    for t in KEY_TYPES:
+        for n in nodes:
+            if n["type"] == t:
+                return n
     pack = [n for n in nodes if n["type"].startswith("ConsistentInpaint") and "Loader" not in n["type"]]
     return (pack or nodes)[0]
 

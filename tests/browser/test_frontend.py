@@ -116,6 +116,11 @@ def test_templates_listed_with_thumbnails(frontend, artifacts):
             break
         time.sleep(0.3)
     page.js("document.querySelector('[data-testid^=\"template-workflow-\"]').scrollIntoView();")
+    try:                      # the artefact: the first row of cards with their thumbnails drawn
+        page.wait(lambda: page.js("return Array.from(document.querySelectorAll('[data-testid^=\"template-workflow-\"]"
+                                  " img')).slice(0, 4).every(i => i.naturalWidth > 0);"), "thumbnails", timeout=10)
+    except AssertionError:
+        pass
     page.driver_screenshot(artifacts / "templates.png")
     assert sorted(c["id"] for c in cards) == sorted(f"template-workflow-{n}" for n in NAMES)
     for c in cards:
