@@ -443,9 +443,10 @@ class _Structure:
         }
 
 
-def _config(s, sd, conv_in_key, adm_key, level_ch, nrb, depths, depths_out, mid_depth):
-    """The UNetModel config both readers end with: input width from the branch input conv, adm width if any."""
-    w, adm = sd[conv_in_key], sd.get(adm_key)
+def _config(s, sd, keys: tuple[str, str], level_ch, nrb, depths, depths_out, mid_depth):
+    """The UNetModel config both readers end with: input width from the branch input conv, adm width if any
+    (``keys``: the names of those two tensors in this layout)."""
+    w, adm = sd[keys[0]], sd.get(keys[1])
     return s.config(in_channels=int(w.shape[1]), model_channels=int(w.shape[0]), level_channels=level_ch, nrb=nrb,
                     depths=depths, depths_out=depths_out, depth_mid=mid_depth or None,
                     adm=None if adm is None else int(adm.shape[1]))
@@ -479,7 +480,7 @@ def _read_diffusers(sd, path):
     mid_res = count_indexed(sd, "mid_block.resnets.")
     if mid_res != 2:
         raise CheckpointFormatError(f"{_name(path)}: mid_block has {mid_res} resnets; BrushNet-family middles have 2")
-    config = _config(s, sd, "conv_in_condition.weight", "add_embedding.linear_1.weight", level_ch, nrb, depths,
+    config = _config(s, sd, ("conv_in_condition.weight", "add_embedding.linear_1.weight"), level_ch, nrb, depths,
                      depths_out, mid_depth)
     middle = MIDDLE_RES_ST_RES if mid_depth else MIDDLE_RES_RES
     counts = (count_indexed(sd, "brushnet_down_blocks."), count_indexed(sd, "brushnet_up_blocks."))
@@ -521,7 +522,7 @@ def _read_internal(sd, path):
         mid_depth, middle = s.transformer(sd, "middle_block.1", "middle_block"), MIDDLE_RES_ST_RES
         if not mid_depth:
             raise CheckpointFormatError(f"{_name(path)}: middle_block.1 is neither a ResBlock nor a SpatialTransformer")
-    config = _config(s, sd, "input_blocks.0.0.weight", "label_emb.0.0.weight", level_ch, nrb, depths, depths_out,
+    config = _config(s, sd, ("input_blocks.0.0.weight", "label_emb.0.0.weight"), level_ch, nrb, depths, depths_out,
                      mid_depth)
     counts = (count_indexed(sd, "zero_down."), count_indexed(sd, "zero_up."))
     return config, middle, counts

@@ -122,13 +122,17 @@ class StreamingDecode:
                 total += n(s // 2)
         return total + n(1)                                       # conv_out
 
-    def _run(self, shape, s, halo, align, fn, stats=None, post=None, keep=True, dtype=None, into=None):
+    def _run(self, shape, s, halo, align, fn, stats=None, post=None, into=None):
         """Compute a full map of ``shape`` at scale ``s`` tile by tile. ``fn(y0, y1, x0, x1)`` returns the
-        values on the grown span; only the tile core is kept (on ``store``, or written into ``into`` when
-        ``fn`` reads that tensor only at the core), fed to ``stats`` after ``post``."""
+        values on the grown span; only the tile core is kept, fed to ``stats`` after ``post``. ``into``: where the
+        cores go: None, a new map on ``store``; a dtype, the same in that dtype; a tensor, written into it (when
+        ``fn`` reads that tensor only at the core); False, nowhere (``fn`` is run for its side effects)."""
         B, C, H, W = shape
-        out = into if into is not None else (
-            torch.empty(shape, dtype=dtype or self.dtype, device=self.store) if keep else None)
+        keep = into is not False
+        if isinstance(into, torch.Tensor):
+            out = into
+        else:
+            out = torch.empty(shape, dtype=into or self.dtype, device=self.store) if keep else None
         for y0, y1, x0, x1 in self._tiles(H, W, s):
             cy0, cy1 = _span(y0, y1, H, halo, align)
             cx0, cx1 = _span(x0, x1, W, halo, align)
@@ -235,7 +239,7 @@ class StreamingDecode:
             v[:, idx] = attn.v(hn).flatten(2).transpose(1, 2)
             return hn[:, :0]
 
-        self._run((B, 0, H, W), self.f, 0, 1, kv, keep=False)
+        self._run((B, 0, H, W), self.f, 0, 1, kv, into=False)
 
         def q(cy0, cy1, cx0, cx1):
             xi = self._get(x, cy0, cy1, cx0, cx1)
@@ -300,4 +304,4 @@ class StreamingDecode:
         def out(cy0, cy1, cx0, cx1):
             return m.conv_out(F.silu(st.apply(self._get(x, cy0, cy1, cx0, cx1)))).float()
 
-        return self._run((B, m.conv_out.out_channels, h * f, w * f), 1, 1, 1, out, dtype=torch.float32)
+        return self._run((B, m.conv_out.out_channels, h * f, w * f), 1, 1, 1, out, into=torch.float32)

@@ -161,13 +161,14 @@ Projection = Callable[[torch.Tensor], torch.Tensor]
 
 
 def dual_context_term(z: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, known: torch.Tensor,
-                      w_q: Projection, w_k: Projection, w_v: Projection, heads: int,
+                      w: tuple[Projection, Projection, Projection], heads: int,
                       attention: AttentionFn = sdpa_attention) -> torch.Tensor:
     """Patch-Adapter DCA: ``Z'' = Attn(Q, Z' W_k, Z' W_v)`` with ``Z' = Attn([z ⊙ (1 − M)] W_q, K, V)``.
 
     z: [B, N, C] layer input; q: [B, N, D] the layer's own query; k, v: [B, T, D] its text keys/values;
-    known: [B or 1, N, 1] = 1 − M (1 = known pixel). Returns Z'': [B, N, D], to be added to the layer's
-    attention output before ``to_out``."""
+    known: [B or 1, N, 1] = 1 − M (1 = known pixel); w: the adapter's (W_q, W_k, W_v). Returns Z'': [B, N, D], to be
+    added to the layer's attention output before ``to_out``."""
+    w_q, w_k, w_v = w
     q_ctx = w_q(z * known.to(z.dtype))                            # Q'  [B, N, D]
     z_ctx = attention(q_ctx.to(q.dtype), k, v, heads)             # Z'  [B, N, D]
     return attention(q, w_k(z_ctx).to(q.dtype), w_v(z_ctx).to(q.dtype), heads)
@@ -315,9 +316,9 @@ class PatchCanvas:
         return torch.where(ws > 0, self.acc[:, ys, xs] / ws.clamp_min(1e-12), fallback)
 
     def composite_into(self, out: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, band: int = 256) -> None:
-        """Writes ``image · (1 − m) + blend · m`` where the mask ([H, W], soft) is > 0 into ``out`` ([H, W, C], the
-        IMAGE layout, a copy of the image); everything else of ``out`` is left as it is. image: [C, H, W] (any
-        strides). Works in bands of rows, so temporaries stay small at 4K."""
+        """Writes ``image · (1 − m) + blend · m`` where the mask ([H, W], soft) is > 0 into ``out`` ([C, H, W], any
+        strides: e.g. a view of the node's output; a copy of the image); everything else of ``out`` is left as it is.
+        image: [C, H, W] (any strides). Works in bands of rows, so temporaries stay small at 4K."""
         H, W = mask.shape[-2:]
         r = self.region
         if int((mask > 0).sum()) != int((mask[r.y0:r.y0 + r.h, r.x0:r.x0 + r.w] > 0).sum()):
@@ -335,13 +336,7 @@ class PatchCanvas:
             blend = self.acc[:, y - r.y0:y1 - r.y0, :x1 - r.x0] / ws.clamp_min(1e-12)
             img = image[:, y:y1, r.x0:x1].float()
             mixed = torch.where(inside, img * (1 - m) + blend * m, img)
-            out[y:y1, r.x0:x1] = mixed.permute(1, 2, 0).to(out.dtype)
-
-    def composite(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """image [C, H, W] with the blend laid in where ``mask`` ([H, W], soft) > 0; outside it image is untouched."""
-        out = image.permute(1, 2, 0).clone()
-        self.composite_into(out, image, mask.reshape(mask.shape[-2:]))
-        return out.permute(2, 0, 1)
+            out[:, y:y1, r.x0:x1] = mixed.to(out.dtype)
 
 
 # -- the reference -----------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 
 from ..models import masks
 from .comfy_compat import io
-from .layout import check_finite
+from .layout import mask_view_b1hw
 
 CATEGORY = "inpaint/consistent/training"
 PAINTER_MIX, ASUKA_MIX = "mix (PainterNet 25/50/25)", "mix (ASUKA 50/40/10)"
@@ -60,11 +60,7 @@ class TrainingMask(io.ComfyNode):
     def execute(cls, kind, seed, width=512, height=512, batch_size=1, region=None):
         g = torch.Generator().manual_seed(seed)
         if region is not None:
-            region = region[None] if region.ndim == 2 else region
-            if region.ndim != 3:
-                raise ValueError(f"region must be a MASK [batch, H, W]; got shape {tuple(region.shape)}")
-            check_finite(region, "region")
-            segs = [r.float().cpu() for r in region]
+            segs = [r.cpu() for r in mask_view_b1hw(region, "region")[:, 0]]
         else:
             segs = [masks.random_blob(height, width, g) for _ in range(batch_size)]
         draw = DRAW[kind]

@@ -143,7 +143,7 @@ class DualContextPatch(ModelPatch):
         chunks, rows = self.chunks_rows(q.shape[0], extra)
         known = self.known_rows(q.shape[1], extra["original_shape"], chunks, rows, q.device, z.dtype)
         mods = self.adapter.modules("dca", site)
-        out = pa.dual_context_term(z, q, k, v, known, mods["to_q"], mods["to_k"], mods["to_v"], extra["n_heads"],
+        out = pa.dual_context_term(z, q, k, v, known, (mods["to_q"], mods["to_k"], mods["to_v"]), extra["n_heads"],
                                    bound_attention(extra))
         return out * self.strength
 

@@ -233,7 +233,7 @@ def refine_picture(job: RefineJob, image, mask, reference, out, plan: pa.PatchPl
         decoded = sample_patches(job, pic, boxes, tuple(first_id + i for i, _ in chunk))
         for b, d in zip(boxes, decoded):
             canvas.add(b, d[:, :b.h, :b.w])
-    canvas.composite_into(out, image[0], mask[0, 0])
+    canvas.composite_into(out.permute(2, 0, 1), image[0], mask[0, 0])     # out: the IMAGE layout
 
 
 def refine_image(model, vae, positive, negative, image, mask, reference, out, plan, batch, s, attach_reference,

@@ -249,7 +249,7 @@ def test_composes_with_an_attn2_replace_already_on_the_model(
 
 
 def test_attn_mask_confines_the_subject(comfy, run_prompt, graph, largen_files, clip_vision_node, counter, vae_name):
-    from models.largen import latent_grid
+    from models.sites import latent_grid
     counter.clear()
     left = graph.node("CITestRectMask", width=64, height=64, x=0, y=0, w=32, h=64)
     _graph(graph, vae_name, attn_mask=left.out(0), steps=1)

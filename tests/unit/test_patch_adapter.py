@@ -52,7 +52,7 @@ def test_dual_context_term_against_float64(heads, kind):
     torch.manual_seed(1)
     known = {"hard": (torch.rand(1, 12, 1) > 0.5).float(), "soft": torch.rand(2, 12, 1),
              "all_known": torch.ones(1, 12, 1)}[kind]
-    got = pa.dual_context_term(z, q, k, v, known, w_q, w_k, w_v, heads)
+    got = pa.dual_context_term(z, q, k, v, known, (w_q, w_k, w_v), heads)
     want, _ = _dca64(z, q, k, v, known, w_q, w_k, w_v, heads)
     assert got.shape == (2, 12, 16)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
@@ -68,21 +68,21 @@ def test_dual_context_hidden_tokens_read_nothing_of_z():
         seen.append(sdpa_attention(*args))
         return seen[-1]
 
-    base = pa.dual_context_term(z, q, k, v, known, w_q, w_k, w_v, 2, attention=recording)
+    base = pa.dual_context_term(z, q, k, v, known, (w_q, w_k, w_v), 2, attention=recording)
     # Q' of a hidden token is 0, so its Z' is the plain mean of V over the text tokens
     z_ctx = seen[0]
     torch.testing.assert_close(z_ctx[:, 4:9].double(), v.double().mean(1, keepdim=True).expand(-1, 5, -1),
                                atol=1e-6, rtol=1e-6)
     hidden = z.clone()
     hidden[:, 4:9] += 5 * torch.randn(2, 5, 8)
-    assert torch.equal(pa.dual_context_term(hidden, q, k, v, known, w_q, w_k, w_v, 2), base)
+    assert torch.equal(pa.dual_context_term(hidden, q, k, v, known, (w_q, w_k, w_v), 2), base)
     shown = z.clone()
     shown[:, 0] += 5 * torch.randn(2, 8)
-    assert not torch.allclose(pa.dual_context_term(shown, q, k, v, known, w_q, w_k, w_v, 2), base, atol=1e-4)
+    assert not torch.allclose(pa.dual_context_term(shown, q, k, v, known, (w_q, w_k, w_v), 2), base, atol=1e-4)
     # with everything known the same perturbation of tokens 4..8 does reach the output
     full = torch.ones(1, 12, 1)
-    assert not torch.allclose(pa.dual_context_term(hidden, q, k, v, full, w_q, w_k, w_v, 2),
-                              pa.dual_context_term(z, q, k, v, full, w_q, w_k, w_v, 2), atol=1e-4)
+    assert not torch.allclose(pa.dual_context_term(hidden, q, k, v, full, (w_q, w_k, w_v), 2),
+                              pa.dual_context_term(z, q, k, v, full, (w_q, w_k, w_v), 2), atol=1e-4)
 
 
 def test_reference_patch_term_against_float64():
@@ -214,9 +214,10 @@ def test_canvas_over_a_region_composites_like_the_whole_canvas():
         whole.add(b, px)
         part.add(b, px)
     image = torch.rand(3, H, W)
-    a = whole.composite(image, mask)
-    out = image.permute(1, 2, 0).clone()
-    part.composite_into(out, image, mask, band=7)
+    a = image.clone()
+    whole.composite_into(a, image, mask)
+    out = image.permute(1, 2, 0).clone()                           # a strided view is written through
+    part.composite_into(out.permute(2, 0, 1), image, mask, band=7)
     assert torch.allclose(out.permute(2, 0, 1), a, atol=1e-6)
     assert torch.equal(out.permute(2, 0, 1)[:, mask == 0], image[:, mask == 0])
     with pytest.raises(ValueError, match="outside the canvas region"):
@@ -316,7 +317,8 @@ def test_composite_constant_patches_and_exact_outside():
         canvas.add(b, colour[:, None, None].expand(3, b.h, b.w))
     torch.manual_seed(8)
     image = torch.rand(3, 160, 160)
-    out = canvas.composite(image, mask)
+    out = image.clone()
+    canvas.composite_into(out, image, mask)
     outside = (mask == 0).expand_as(image)
     assert torch.equal(out[outside], image[outside])                # bit for bit
     hard = mask == 1
@@ -330,7 +332,8 @@ def test_composite_refuses_uncovered_mask_and_read_falls_back():
     first = plan.selected[0]
     canvas.add(first, torch.full((3, first.h, first.w), 0.7))
     with pytest.raises(RuntimeError, match="uncovered"):
-        canvas.composite(torch.rand(3, 160, 160), mask)
+        image = torch.rand(3, 160, 160)
+        canvas.composite_into(image.clone(), image, mask)
     box = pa.PatchBox(first.y0, first.x0, first.h + 32, first.w + 32)
     fallback = torch.rand(3, box.h, box.w)
     got = canvas.read(box, fallback)
