@@ -28,13 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import comfy.model_management as mm
-from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, Upsample
 
 from ..models import branch_layouts, powerpaint_tasks
 from ..models.sites import site_of
 from ..models.weights import build_from_state_dict, load_weights, tensor_dict
 from . import comfy_compat as compat
-from .branch_unet import BranchNet
+from .branch_unet import BranchNet, TimestepEmbedSequential, Upsample
 from .common import PercentRangeNode, Precision, model_files, model_path, percent_inputs, resolve_dtype, wrap_patcher
 from .comfy_compat import io
 from .layout import centre_crop_to_multiple, check_finite, image_and_mask, row_batch, vae_encode

@@ -1,5 +1,6 @@
 """The networks that are copies of the UNet, built from ComfyUI's own UNet blocks (DESIGN principle 1's one
-exception): the inpaint branch and LAR-Gen's RefineNet.
+exception): the inpaint branch and LAR-Gen's RefineNet. The pack's one import of ComfyUI's UNet blocks (those
+``nodes/branch.py`` places in a patched output block come from here too).
 
 The inpaint branch is a UNet copy (BrushNet:
 attention-free; PowerPaint-v2 and PainterNet: with cross-attention) whose every layer output goes through a
