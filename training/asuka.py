@@ -88,13 +88,13 @@ class MaskedImages:
 
 
 class _Trainer:
-    """What the three trainers share: seeds, the fixed sample batch, fp16 loss scaling and the loop."""
+    """What the three trainers share: the engine, seeds, the fixed sample and validation batches and the loop."""
     name = "ASUKA"
     losses = ("loss",)
     output_name = ""
 
     def setup(self, cfg, data: MaskedImages, module: torch.nn.Module, lr: float, weight_decay: float, through=()):
-        """``through``: the frozen MODELs the gradient passes back through (their dtype may call for loss scaling)."""
+        """``through``: the frozen MODELs the gradient passes back through (loaded float32; the engine autocasts)."""
         self.cfg, self.data, self.module = cfg, data, module
         self.base_lr = lr
         self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
@@ -117,6 +117,18 @@ class _Trainer:
     def lr_at(self, step: int) -> float:
         return self.base_lr
 
+    def validate(self) -> dict:
+        """The fixed validation set's loss: its masks drawn once, timesteps, noise and augmentations from fixed seeds
+        (the run's own generators put back after)."""
+        saved = {g: g.get_state() for g in (self.mask_rng, self.aug_rng)}
+        try:
+            self.mask_rng.manual_seed(self.cfg.seed + 5)
+            self.aug_rng.manual_seed(self.cfg.seed + 6)
+            return validation_losses(lambda b: self.losses_for(b, self.cfg.steps), self.validation, self.cfg.seed)
+        finally:
+            for g, st in saved.items():
+                g.set_state(st)
+
     def train_step(self, batch, step: int = 0) -> dict | None:
         """One micro-batch through the engine (its autocast, loss scaling, accumulation; the schedule follows
         optimiser steps) -> the losses once an optimiser step is complete."""
@@ -135,8 +147,7 @@ class _Trainer:
                     make_batch=lambda items: self.data.batch_items(items, self.mask_rng),
                     generators={"mask": self.mask_rng, "augment": self.aug_rng}, loss_names=list(self.losses),
                     save_fn=self.save, sample_fn=self.sample,
-                    validate_fn=lambda: validation_losses(lambda b: self.losses_for(b, cfg.steps), self.validation,
-                                                          cfg.seed),
+                    validate_fn=self.validate,
                     log_every=cfg.log_every, save_every=cfg.save_every, sample_every=cfg.sample_every,
                     validate_every=cfg.validate_every).run()
 

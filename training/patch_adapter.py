@@ -27,7 +27,7 @@ Choices where the paper is silent (also in the README):
   full one (tanh'(0) = 1); after the first optimiser step g != 0 and the projections learn too (the zero-init
   gating of Flamingo / LLaMA-Adapter). Nothing else is needed; a test checks both steps.
 - Optimiser: AdamW, lr 1e-4 (IP-Adapter's), weight decay 1e-2 on the projections and 0 on the gates, constant lr;
-  fp16 mixed precision uses a gradient scaler.
+  mixed precision, loss scaling and accumulation are the engine's (``training/engine.py``).
 - Loss: epsilon MSE over the whole latent (of the image in stage dca, of the patch in stage rpa), as SD-inpainting
   UNets are trained. Epsilon-prediction base models only.
 - Timesteps: uniform integers in [0, ``max_timestep``) of the 1000 training steps; one per image in stage dca, one

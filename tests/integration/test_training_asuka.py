@@ -350,5 +350,5 @@ def test_alignment_and_decoder_checkpointing_and_half_precision(comfy, files, ch
         lambda mp: make(comfy, files, checkpoint, tmp_path / mp, mixed_precision=mp, lr=1e-4, **extra),
         lambda trainer: trainer.data.batch([0, 1], torch.Generator().manual_seed(3)),
         lambda trainer: ((n, p) for n, p in trainer.module.named_parameters() if p.requires_grad), modes)
-    for mp in modes:
+    for mp in set(losses) - {"no"}:          # fp16 where the engine autocasts it (GPUs)
         assert losses[mp] == pytest.approx(losses["no"], rel=0.05) and losses[mp] != losses["no"], (mp, losses)

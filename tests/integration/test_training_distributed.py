@@ -303,3 +303,23 @@ def test_help_lists_every_method_and_its_options(comfy):
     for method in ("painternet", "asuka_mae", "asuka_alignment", "asuka_decoder", "largen", "patch_adapter"):
         assert f"usage: train.py {method}" in r.stdout
     assert "--gradient_accumulation" in r.stdout and "ATAL weight (paper: 1e-5) (default: 1e-05)" in r.stdout
+
+
+def test_the_multi_node_config_file_trains_across_two_launchers(comfy, base_ckpt, data_dir, tmp_path):
+    """training/accelerate/multi_node.yaml as the README and slurm.sbatch use it: two launchers ("machines" 0 and 1,
+    here both on this host, one process each) join one run through the static rendezvous at the main machine."""
+    out = tmp_path / "run"
+    cfg = _config(tmp_path / "n.toml", base_ckpt, out, data=str(data_dir), batch_size=2, steps=2)
+    procs = []
+    for rank in (0, 1):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "training" / "accelerate" / "multi_node.yaml"), "--num_machines", "2", "--num_processes", "2",
+               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", "29661",
+               "--mixed_precision", "no", str(ROOT / "train.py"), "painternet", "--config", str(cfg)]
+        procs.append(subprocess.Popen(cmd, env=_env(comfy), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, cwd=str(ROOT)))
+    texts = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], texts[0][-3000:] + texts[1][-3000:]
+    assert "global batch 2 = 1 per device × 1 accumulation × 2 processes" in texts[0]
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["step"] == 2 and state["processes"] == 2 and len(state["rng"]) == 2

@@ -388,7 +388,7 @@ def test_command_line_trains_samples_saves_and_resumes_and_the_file_loads(
 
     nodes = _pack(comfy, "nodes.largen")
     model, adapter = nodes.load_largen(str(folder / "largen_trained_test.safetensors"), None, "float32")
-    w = state["trainable"]["adapter__to_k_ip__middle_0_0__weight"]
+    w = state["trainable"]["module.adapter__to_k_ip__middle_0_0__weight"]   # the engine's wrapper: module.
     assert torch.equal(adapter.patcher.model.to_k_ip["middle_0_0"].weight, w)     # the file holds the trained state
     assert not torch.equal(w, init.adapter.to_k_ip["middle_0_0"].weight)
 
