@@ -40,14 +40,14 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-import comfy.model_management as mm
 import comfy.sample
 import comfy.sd
 
 from ..models import asuka, asuka_alignment, harmonizing_decoder, masks
 from ..models.imaging import color_jitter
-from .common import (Engine, ImageFolder, Loop, MASK_SUFFIX, TrainOptions, _square, checkpointed, cosine_lr, load_base,
-                     load_on_device, parse_config, require_epsilon, save_image, validation_losses, write_atomic)
+from .common import (Engine, ImageFolder, Loop, MASK_SUFFIX, TrainOptions, _square, adamw, checkpointed, cosine_lr,
+                     load_base, load_on_device, parse_config, require_epsilon, save_image, validation_losses,
+                     write_atomic)
 from .data import first_items, make_stream
 
 log = logging.getLogger("consistent_inpaint.training.asuka")
@@ -97,8 +97,8 @@ class _Trainer:
         """``through``: the frozen MODELs the gradient passes back through (loaded float32; the engine autocasts)."""
         self.cfg, self.data, self.module = cfg, data, module
         self.base_lr = lr
-        self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
-                                           weight_decay=weight_decay)
+        self.optimizer = adamw([p for p in module.parameters() if p.requires_grad], cfg, lr=lr,
+                               weight_decay=weight_decay)
         self.engine.prepare(module, self.optimizer, self.losses_for, lambda step: self.lr_at(step) / self.base_lr)
         self.mask_rng = torch.Generator().manual_seed(cfg.seed)
         self.aug_rng = torch.Generator().manual_seed(cfg.seed + 3)

@@ -110,6 +110,8 @@ class TrainOptions:
     gradient_checkpointing: bool = False   # recompute activations in backward (what: see each method)
     gradient_accumulation: int = 1  # micro-batches per optimiser step; batch_size = per device × this × processes
     max_grad_norm: float = 0.0     # clip the gradient norm to this (0: no clipping)
+    optimizer: str = "adamw"       # adamw | adamw_fused (torch's fused kernel) | adamw_8bit (bitsandbytes, installed
+    #                                separately; GPUs)
     ema_decay: float = 0.0         # keep an EMA of the trained weights with this decay (0: none); the written file
     #                                and the samples then hold the EMA weights
     shards: str = ""               # WebDataset tar shards instead of the data folder: brace ranges / globs, commas
@@ -129,8 +131,26 @@ class TrainOptions:
                              f"{self.gradient_accumulation}, {self.validation_size}, {self.validate_every}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.tracker not in ("tensorboard", "none"):
             raise ValueError(f"tracker must be tensorboard or none; got {self.tracker!r}")
+
+
+OPTIMIZERS = ("adamw", "adamw_fused", "adamw_8bit")
+
+
+def adamw(params, opts: TrainOptions, **kw) -> torch.optim.Optimizer:
+    """AdamW as ``opts.optimizer`` asks: torch's (``adamw``, or its fused kernel: ``adamw_fused``) or bitsandbytes'
+    8-bit one (``adamw_8bit``: a quarter of the optimiser state's memory)."""
+    if opts.optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise SystemExit("optimizer = adamw_8bit needs bitsandbytes (pip install bitsandbytes; CUDA GPUs)") \
+                from None
+        return bitsandbytes.optim.AdamW8bit(params, **kw)
+    return torch.optim.AdamW(params, fused=opts.optimizer == "adamw_fused" or None, **kw)
 
 
 def validation_losses(losses_fn, batch, seed: int) -> dict:

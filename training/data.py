@@ -194,7 +194,8 @@ def decode_sample(sample: dict, size: int, pick: np.random.Generator):
     masks, chosen by ``pick``); the prompt from ``local_prompt``, ``txt`` or ``caption``."""
     raw = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if raw is None:
-        raise ValueError(f"no image ({', '.join(IMAGE_KEYS)}) among {sorted(k for k in sample if not k.startswith('_'))}")
+        keys = sorted(k for k in sample if not k.startswith("_"))
+        raise ValueError(f"no image ({', '.join(IMAGE_KEYS)}) among {keys}")
     image = Image.open(io.BytesIO(raw))
     image.load()
     mask = None

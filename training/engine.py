@@ -51,8 +51,8 @@ def accelerator_for(mixed_precision: str, accumulation: int, project_dir: str | 
         GradientState._reset_state()
     kwargs = {}
     if tracker and project_dir:
-        kwargs.update(log_with=tracker, project_config=ProjectConfiguration(project_dir=project_dir,
-                                                                            logging_dir=str(Path(project_dir) / "logs")))
+        logs = str(Path(project_dir) / "logs")
+        kwargs.update(log_with=tracker, project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=logs))
     # find_unused_parameters: a trainer's network may leave parts unused in a step (ATAL's maps at beta 0, a gate)
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
                        gradient_accumulation_steps=accumulation, step_scheduler_with_optimizer=False,

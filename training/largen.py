@@ -55,7 +55,6 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-import comfy.model_management as mm
 import comfy.sample
 import comfy.sd
 import comfy.utils
@@ -66,9 +65,9 @@ from ..nodes.common import wrap_patcher
 from ..nodes.largen import (SDXL_CONTEXT, SDXL_POOLED, RefineNetModel, RefinePatch, SubjectPatch, encode_subject,
                             encode_zero_image, largen_from_parts, load_refinenet, refinenet_from_parts, subject_latent)
 from ..nodes.largen import clip_width_error as _clip_width_error
-from .common import (Engine, ImageFolder, Item, Loop, MASK_SUFFIX, PromptEncoder, TrainOptions, checkpointed_blocks,
-                     load_on_device, parse_config, require_epsilon, sample_conds, sampler_options, save_image, sdxl_y,
-                     unet_blocks, validation_losses, write_atomic)
+from .common import (Engine, ImageFolder, Item, Loop, MASK_SUFFIX, PromptEncoder, TrainOptions, adamw,
+                     checkpointed_blocks, load_on_device, parse_config, require_epsilon, sample_conds, sampler_options,
+                     save_image, sdxl_y, unet_blocks, validation_losses, write_atomic)
 from .data import first_items, make_stream
 
 log = logging.getLogger("consistent_inpaint.training.largen")
@@ -267,7 +266,7 @@ class LARGenTrainer:
         self.named = named
         # what state.pt keeps: the trainable tensors themselves (loading copies into them)
         self.trainable = nn.ParameterDict({n.replace(".", "__"): p for n, p in named.items()})
-        self.optimizer = torch.optim.AdamW(list(named.values()), lr=cfg.lr)
+        self.optimizer = adamw(list(named.values()), cfg, lr=cfg.lr)
         if self.engine.sharded and self.stage == 1:
             raise ValueError("FSDP shards a module the trainer runs whole; stage 1 trains tensors spread over the "
                              "main UNet and the adapter: launch it with DDP (--multi_gpu), FSDP is for stage 2")

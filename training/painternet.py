@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import comfy.model_management as mm
 import comfy.ops
 import comfy.sample
 import comfy.sd
@@ -34,7 +33,7 @@ from ..models.sites import latent_grid
 from ..nodes.branch import BranchPatch, InpaintBranch
 from ..nodes.branch_unet import ATTENTION_PROBE, GRADIENT_CHECKPOINT, BranchNet
 from ..nodes.common import wrap_patcher
-from .common import (Engine, ImageFolder, Item, Loop, PromptEncoder, TrainOptions, evaluating, load_base,
+from .common import (Engine, ImageFolder, Item, Loop, PromptEncoder, TrainOptions, adamw, evaluating, load_base,
                      load_on_device, nearest, parse_config, require_epsilon, sample_conds, sampler_options, save_image,
                      sdxl_y, validation_losses, write_atomic)
 from .data import first_items, make_stream
@@ -102,7 +101,7 @@ class PainterNetTrainer:
         net.requires_grad_(True).train()
         self.sampling = model.get_model_object("model_sampling")
         self.latent_format = model.get_model_object("latent_format")
-        self.optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
+        self.optimizer = adamw(net.parameters(), cfg, lr=cfg.lr)
         self.engine.prepare(net, self.optimizer, lambda b, step: self.losses(b))
         self.mask_rng = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)

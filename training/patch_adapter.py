@@ -78,7 +78,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-import comfy.model_management as mm
 import comfy.ops
 import comfy.sample
 import comfy.sd
@@ -91,11 +90,12 @@ from ..nodes import patch_refine
 from ..nodes.branch_unet import transformer_sites
 from ..nodes.common import wrap_patcher
 from ..models.patch_adapter import PatchAdapterNet
-from ..nodes.patch_adapter import DualContextPatch, PatchAdapter, ReferencePatch, reference_attacher as _attach_reference
+from ..nodes.patch_adapter import DualContextPatch, PatchAdapter, ReferencePatch
+from ..nodes.patch_adapter import reference_attacher as _attach_reference
 from ..nodes.patch_refine import reference_latents as _reference_tokens_latent
-from .common import (Engine, ImageFolder, Item, Loop, PromptEncoder, TrainOptions, checkpointed_blocks, evaluating,
-                     load_base, load_on_device, parse_config, require_epsilon, sample_conds, sampler_options,
-                     save_image, sdxl_y, unet_blocks, validation_losses, write_atomic)
+from .common import (Engine, ImageFolder, Item, Loop, PromptEncoder, TrainOptions, adamw, checkpointed_blocks,
+                     evaluating, load_base, load_on_device, parse_config, require_epsilon, sample_conds,
+                     sampler_options, save_image, sdxl_y, unet_blocks, validation_losses, write_atomic)
 from .data import first_items, make_stream
 
 log = logging.getLogger("consistent_inpaint.training.patch_adapter")
@@ -324,8 +324,8 @@ class PatchAdapterTrainer:
         self.module.requires_grad_(True).train()
         decay = [p for n, p in self.module.named_parameters() if not n.startswith("gate.")]
         gates = [p for n, p in self.module.named_parameters() if n.startswith("gate.")]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                            {"params": gates, "weight_decay": 0.0}], lr=cfg.lr)
+        self.optimizer = adamw([{"params": decay, "weight_decay": cfg.weight_decay},
+                                {"params": gates, "weight_decay": 0.0}], cfg, lr=cfg.lr)
         self.engine.prepare(self.module, self.optimizer, lambda b, step: self.losses(b))
         self.sampling = model.get_model_object("model_sampling")
         self.latent_format = model.get_model_object("latent_format")
@@ -516,7 +516,7 @@ class PatchAdapterTrainer:
         self._check_output(Path(cfg.output))
         stream = make_stream(cfg, cfg.data, self.image_size, engine)
         fixed_items = first_items(cfg, cfg.data, self.image_size, cfg.validation_size)
-        fixed = self.batch_items(fixed_items[:1], torch.Generator().manual_seed(cfg.seed + 2))   # the same after a resume
+        fixed = self.batch_items(fixed_items[:1], torch.Generator().manual_seed(cfg.seed + 2))   # same after a resume
         validation = self.batch_items(fixed_items, torch.Generator().manual_seed(cfg.seed + 4))
         out = Path(cfg.output)
         return Loop(name=f"Patch-Adapter {self.stage}", output=cfg.output, steps=cfg.steps, engine=engine,

@@ -201,3 +201,13 @@ def test_option_help_comes_from_the_comments():
     assert helps["ema_decay"].endswith("then hold the EMA weights")
     text = common.config_parser(Opts, "train.py x").format_help()
     assert "--gradient_accumulation" in text and "(default: 1)" in text
+
+
+def test_optimizer_option_picks_torch_adamw_or_its_fused_kernel():
+    net = nn.Linear(3, 2)
+    plain = common.adamw(net.parameters(), Opts(), lr=0.1)
+    fused = common.adamw(net.parameters(), Opts(optimizer="adamw_fused"), lr=0.1)
+    assert isinstance(plain, torch.optim.AdamW) and not plain.defaults["fused"]
+    assert fused.defaults["fused"]
+    with pytest.raises(ValueError, match="optimizer must be one of adamw, adamw_fused, adamw_8bit"):
+        Opts(optimizer="sgd")
