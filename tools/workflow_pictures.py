@@ -45,7 +45,7 @@ STAGES = {
         [("Harmonizing decode", [12])],
         [("Save", [13])],
     ],
-    "harmonizing_decode_any_inpaint": [
+    "harmonizing_decode": [
         [("Image (paint the mask)", [1])],
         [("Models", [2, 3, 7, 11, 16])],
         [("Prompt", [4, 5, 6])],
@@ -63,7 +63,7 @@ STAGES = {
         [("Decode, keep the unmasked pixels", [8, 9])],
         [("Save", [10])],
     ],
-    "powerpaint_v2_object_removal": [
+    "powerpaint_removal": [
         [("Image (paint the mask)", [2])],
         [("Models", [1, 5, 12])],
         [("Prompts", [3, 4, 6])],
@@ -72,7 +72,7 @@ STAGES = {
         [("Decode, keep the unmasked pixels", [9, 10])],
         [("Save", [11])],
     ],
-    "largen_text_subject_inpaint_sdxl": [
+    "largen_text_subject": [
         [("Scene (paint the area)", [2]), ("Subject", [8, 9])],
         [("Models", [1, 6, 7, 17])],
         [("Crop and prompt", [3, 4, 5])],
@@ -81,7 +81,7 @@ STAGES = {
         [("Decode, paste back", [14, 15])],
         [("Save", [16])],
     ],
-    "patch_adapter_4k_sdxl_inpaint": [
+    "patch_adapter_sdxl": [
         [("Full-resolution image (paint the hole)", [3])],
         [("Models", [1, 2, 16])],
         [("Prompt", [4, 5]), ("Stage 1 size", [6])],
@@ -91,7 +91,7 @@ STAGES = {
         [("Stage 2: High-Res Patch Refine", [13])],
         [("Save", [14, 15])],
     ],
-    "patch_adapter_4k_sd15_inpaint": [
+    "patch_adapter_sd15": [
         [("Full-resolution image (paint the hole)", [2])],
         [("Models", [1, 15])],
         [("Prompt", [3, 4]), ("Stage 1 size", [5])],
@@ -103,7 +103,7 @@ STAGES = {
     ],
 }
 STAGES["branch_inpaint_sdxl"] = STAGES["branch_inpaint_sd15"]
-STAGES["largen_subject_inpaint_sdxl"] = STAGES["largen_text_subject_inpaint_sdxl"]
+STAGES["largen_subject"] = STAGES["largen_text_subject"]
 
 COL_GAP, GROUP_GAP, NODE_GAP, PAD = 70, 50, 30, 20      # canvas units
 PICTURE_WINDOW = (2400, 1300)                           # browser window for the embedded picture

@@ -28,7 +28,7 @@ def picture(comfy):
 
 
 @pytest.mark.parametrize("name,branch", [("branch_inpaint_sd15.json", "brushnet_sd15_test.safetensors"),
-                                         ("powerpaint_v2_object_removal.json", "powerpaint_test.safetensors")])
+                                         ("powerpaint_removal.json", "powerpaint_test.safetensors")])
 def test_shipped_workflow_runs_and_keeps_every_pixel_outside_the_mask(comfy, run_prompt, unet_ckpt, branch_files,
                                                                       task_files, picture, name, branch):
     prompt = _to_api(json.loads((WORKFLOWS / name).read_text()), comfy.nodes.NODE_CLASS_MAPPINGS)

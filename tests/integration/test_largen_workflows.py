@@ -33,7 +33,7 @@ def pictures(comfy):
     return scene
 
 
-@pytest.mark.parametrize("name", ["largen_text_subject_inpaint_sdxl.json", "largen_subject_inpaint_sdxl.json"])
+@pytest.mark.parametrize("name", ["largen_text_subject.json", "largen_subject.json"])
 def test_shipped_workflow_runs_and_keeps_every_pixel_outside_the_mask(
         comfy, run_prompt, largen_files, clip_vision_node, vae_name, pictures, checkpoint_with_vae, name):
     prompt = _to_api(json.loads((WORKFLOWS / name).read_text()), comfy.nodes.NODE_CLASS_MAPPINGS)

@@ -28,7 +28,7 @@ def photo(comfy):
     return pic
 
 
-@pytest.mark.parametrize("name", ["patch_adapter_4k_sd15_inpaint.json", "patch_adapter_4k_sdxl_inpaint.json"])
+@pytest.mark.parametrize("name", ["patch_adapter_sd15.json", "patch_adapter_sdxl.json"])
 def test_shipped_workflow_runs_and_keeps_every_pixel_outside_the_mask(
         comfy, run_prompt, files, tiny_sdxl_inpaint, photo, checkpoint_with_vae, name):
     wf = json.loads((WORKFLOWS / name).read_text())
