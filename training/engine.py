@@ -367,6 +367,7 @@ class Loop:
             from tqdm import tqdm
             bar = tqdm(total=self.steps, initial=step, desc=self.name, unit="step")
         path, saved, t_log, n_log = None, -1, time.perf_counter(), 0
+        resumed, validation = step, None       # validation.csv: opened at the first evaluation
         stop_sig = StopSignal()
         key_log = os.environ.get("CONSISTENT_INPAINT_KEY_LOG")      # debugging aid: the samples of every step
         with stop_sig:
@@ -401,7 +402,14 @@ class Loop:
                     acc.log({f"train/{k}": v for k, v in parts.items()}, step=step)
                     t_log, n_log = now, 0
                 if self.validate_fn is not None and self.validate_every and step % self.validate_every == 0:
-                    acc.log({f"validation/{k}": v for k, v in self.validate_fn().items()}, step=step)
+                    values = self.validate_fn()
+                    acc.log({f"validation/{k}": v for k, v in values.items()}, step=step)
+                    if acc.is_main_process:
+                        if validation is None:
+                            validation = LossLog(out / "validation.csv", list(values), resumed)
+                        validation.write(step, values)
+                        log.info("validation at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in
+                                                                              values.items()))
                 if self.sample_fn is not None and self.sample_every and (step % self.sample_every == 0
                                                                          or step == self.steps):
                     if acc.is_main_process:

@@ -282,9 +282,10 @@ def test_only_the_main_process_writes_files_with_mode_0644_and_the_file_loads_in
     assert writers == ["0"], writers
     written = (tmp_path / "writes.0").read_text()
     assert "state.pt" in written and "loss.csv" in written
-    for f in ("painternet.safetensors", "state.pt", "loss.csv", "samples/step_0000002.png"):
+    for f in ("painternet.safetensors", "state.pt", "loss.csv", "validation.csv", "samples/step_0000002.png"):
         assert stat.S_IMODE((out / f).stat().st_mode) == 0o644, f
     assert list((out / "logs").rglob("events.out.tfevents.*"))      # TensorBoard through the engine's tracker
+    assert [int(r["step"]) for r in loss_rows(out, "validation.csv")] == [1, 2]     # the fixed validation set
     assert not list(out.rglob("*.tmp"))
 
     folder = Path(comfy.folder_paths.get_folder_paths("inpaint_branch")[0])

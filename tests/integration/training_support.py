@@ -65,8 +65,8 @@ def run_train_py(comfy, method: str, *args: str, script: Path = ROOT / "train.py
     return r
 
 
-def loss_rows(out: Path) -> list[dict]:
-    with open(out / "loss.csv") as fh:
+def loss_rows(out: Path, name: str = "loss.csv") -> list[dict]:
+    with open(out / name) as fh:
         return list(csv.DictReader(fh))
 
 
