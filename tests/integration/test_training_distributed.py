@@ -324,3 +324,26 @@ def test_the_multi_node_config_file_trains_across_two_launchers(comfy, base_ckpt
     assert "global batch 2 = 1 per device × 1 accumulation × 2 processes" in texts[0]
     state = torch.load(out / "state.pt", weights_only=True)
     assert state["step"] == 2 and state["processes"] == 2 and len(state["rng"]) == 2
+
+
+def test_asuka_mae_trains_on_two_processes_with_accumulation(comfy, data_dir, tmp_path):
+    """Another method through the same engine: ASUKA's MAE fine-tune (a (pixels, holes) batch, the step handed to
+    the loss) on 2 processes × batch 1 × 2 accumulation steps = global batch 4; the log states the split, every
+    optimiser step is logged once with the learning rate, and the file loads in Load ASUKA Prior's MAE reader."""
+    import layouts
+    mae = tmp_path / "mae_start.pth"
+    torch.save(layouts.mae_checkpoint(dim=192, depth=2, dec_dim=128, dec_depth=8), mae)
+    out = tmp_path / "mae"
+    cfg = tmp_path / "mae.toml"
+    cfg.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in dict(
+        mae=str(mae), data=str(data_dir), output=str(out), batch_size=4, gradient_accumulation=2, steps=3,
+        log_every=1, save_every=100, sample_every=0, tracker="none").items()))
+    r = subprocess.run([*_cmd(2, 29671), "asuka_mae", "--config", str(cfg)], env=_env(comfy), capture_output=True,
+                       text=True, timeout=900, cwd=str(ROOT))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "global batch 4 = 1 per device × 2 accumulation × 2 processes" in r.stderr
+    rows = loss_rows(out)
+    assert [int(row["step"]) for row in rows] == [1, 2, 3] and all(float(row["lr"]) == 1e-4 for row in rows)
+    from training_support import pack
+    mae_model = pack(comfy, "models.asuka").load_mae(str(out / "mae.safetensors"), torch.float32)
+    assert torch.load(out / "state.pt", weights_only=True)["processes"] == 2 and mae_model is not None
