@@ -9,7 +9,11 @@ launcher (``accelerate launch --multi_gpu --num_processes 2``, gloo) on a shallo
   is skipped and counted, a pattern that matches nothing is an error at start;
 - only the main process writes files, every written file is mode 0644, and the trained file loads in Load Inpaint
   Branch in a real ComfyUI graph;
+- training/accelerate/multi_node.yaml runs as two "machines" (two launchers on this host, one process each);
+- ASUKA's MAE fine-tune runs on 2 processes with gradient accumulation (another method through the same engine);
 - ``python train.py --help`` prints every method's options and exits 0.
+
+FSDP is not tested here: accelerate's FSDP needs GPUs (its CPU processes are always plain DDP over gloo).
 """
 import io
 import json
