@@ -236,14 +236,6 @@ def refine_picture(job: RefineJob, image, mask, reference, out, plan: pa.PatchPl
     canvas.composite_into(out.permute(2, 0, 1), image[0], mask[0, 0])     # out: the IMAGE layout
 
 
-def refine_image(model, vae, positive, negative, image, mask, reference, out, plan, batch, s, attach_reference,
-                 progress):
-    """The former entry point, kept only for training/patch_adapter.py's sample images until it calls
-    :func:`refine_picture` with a :class:`RefineJob` (it may not be edited here); nothing in nodes/ uses it."""
-    refine_picture(RefineJob(model, vae, positive, negative, s, attach_reference, batch, progress), image, mask,
-                   reference, out, plan)
-
-
 def refine(job: RefineJob, image, mask, reference, out):
     """image [B, 3, H, W] (a view), mask [B, 1, H, W], reference [B or 1, 3, h, w]; ``out`` [B, H, W, 3] holds a
     copy of the image and receives the results. Plans the patches, sends progress and live previews over all of

@@ -492,8 +492,9 @@ class PatchAdapterTrainer:
 
         def run(adapter):
             out = image[0].permute(1, 2, 0).clone()
-            patch_refine.refine_image(self.model, self.vae, positive, negative, image, hole, reference, out, plan, 1,
-                                      settings, _attach_reference(adapter), None)
+            job = patch_refine.RefineJob(self.model, self.vae, positive, negative, settings, _attach_reference(adapter),
+                                         1, None)
+            patch_refine.refine_picture(job, image, hole, reference, out, plan)
             return out[ys, xs].permute(2, 0, 1)
         if self._plain_sample is None:
             self._plain_sample = run(None)
