@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from brushdata_rle import brushdata_rle
 from test_branch_graph import _graph
 from training_support import ROOT, loss_rows, write_data
 
@@ -199,17 +200,7 @@ def _brushdata_shard(path: Path, start: int, count: int, bad=()):
             img.save(buf, "JPEG")
             m = np.zeros((h, w), np.uint8)
             m[10:30, 8 + i % 20:30 + i % 20] = 1
-            flat = m.flatten(order="F")
-            runs, j = [], 0
-            while j < len(flat):
-                if flat[j]:
-                    k = j
-                    while k < len(flat) and flat[k]:
-                        k += 1
-                    runs += [j + 1, k - j]
-                    j = k
-                else:
-                    j += 1
+            runs = brushdata_rle(m)
             add(f"{key}.image", b"not a jpeg" if i in bad else buf.getvalue())
             add(f"{key}.segmentation", json.dumps({"mask": [runs]}).encode())
             add(f"{key}.caption", PROMPTS[i % len(PROMPTS)].encode())

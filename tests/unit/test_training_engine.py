@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from brushdata_rle import brushdata_rle
 from training import common, data, engine
 
 
@@ -54,25 +55,13 @@ def test_folder_stream_splits_each_optimiser_step_over_processes_and_micro_batch
     assert s.positions(2, 0) == [5]                                   # rank 1 of step 2 at batch 2
 
 
-def _rle(m):
-    flat, runs, j = m.flatten(order="F"), [], 0
-    while j < len(flat):
-        if flat[j]:
-            k = j
-            while k < len(flat) and flat[k]:
-                k += 1
-            runs += [j + 1, k - j]
-            j = k
-        else:
-            j += 1
-    return runs
 
 
 def test_brushdata_run_length_masks_are_column_major_and_one_based():
     m = np.zeros((5, 7), np.uint8)
     m[1:3, 2:6] = 1
     m[4, 0] = 1
-    assert np.array_equal(data.rle_mask(_rle(m), 5, 7), m)
+    assert np.array_equal(data.rle_mask(brushdata_rle(m), 5, 7), m)
     assert np.array_equal(data.rle_mask([1, 2], 2, 3), np.array([[1, 0, 0], [1, 0, 0]]))
 
 
@@ -84,7 +73,7 @@ def _shard(path, keys, bad=()):
             m = np.zeros((6, 8), np.uint8)
             m[1:4, 2:5] = 1
             for name, payload in ((f"{k:05d}.image", b"broken" if k in bad else buf.getvalue()),
-                                  (f"{k:05d}.segmentation", json.dumps({"mask": [_rle(m)]}).encode()),
+                                  (f"{k:05d}.segmentation", json.dumps({"mask": [brushdata_rle(m)]}).encode()),
                                   (f"{k:05d}.caption", f"caption {k}".encode()),
                                   (f"{k:05d}.height", b"6"), (f"{k:05d}.width", b"8")):
                 info = tarfile.TarInfo(name)
