@@ -83,6 +83,13 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], path: str = "mae") ->
     )
 
 
+def no_visible_key(coverage: torch.Tensor) -> torch.Tensor:
+    """coverage [B, L] -> [B] bool: every patch of the item touches the hole, so the authors' encoder has no key left
+    (their softmax gives NaN and they return the zero prior). A full mask is one case; a mask that touches every
+    patch without covering all of it (e.g. a grid of thin lines) is another."""
+    return (coverage > 0).all(dim=1)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, in_chans, dim, patch, dtype=None, device=None, operations=torch_ops):
         super().__init__()
@@ -177,8 +184,9 @@ class MAEPrior(nn.Module):
     def forward_encoder(self, x: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
         """x: [B,3,S,S] normalised masked image; coverage: [B,L] hole fraction per patch -> [B,L,D].
 
-        Tokens whose patch touches the hole are excluded as keys. Where every token is excluded (full mask)
-        the exclusion is dropped for that item so nothing becomes NaN; that item's prior is zeroed later.
+        Tokens whose patch touches the hole are excluded as keys. Where every token is excluded (every patch
+        touched, see :func:`no_visible_key`) the exclusion is dropped for that item so nothing becomes NaN; that
+        item's prior is zeroed later, as the authors' code does.
         """
         h = self.patch_embed(x) + self.pos_embed.to(x.dtype)
         excluded = coverage > 0
@@ -214,7 +222,8 @@ class MAEPrior(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(tokens.shape[0], c, g * p, g * p)
 
     def run(self, image: torch.Tensor, mask: torch.Tensor, reconstruct: bool = True):
-        """-> (prior [B, L, D_dec] or zeros for a full hole, final decoder hidden state or None, coverage [B, L])."""
+        """-> (prior [B, L, D_dec], zeros where no key is visible; final decoder hidden state or None; coverage
+        [B, L])."""
         x, m = self.preprocess(image, mask)
         dtype = self.decoder_embed.weight.dtype
         x, m = x.to(dtype), m.to(dtype)
@@ -227,8 +236,7 @@ class MAEPrior(nn.Module):
                 if not reconstruct:
                     break
             h = self._block(blk, h)
-        full = (coverage >= 1).all(dim=1)
-        prior = torch.where(full[:, None, None], torch.zeros_like(prior), prior)
+        prior = torch.where(no_visible_key(coverage)[:, None, None], torch.zeros_like(prior), prior)
         return prior, (h if reconstruct else None), coverage
 
     def predict(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,8 +248,8 @@ class MAEPrior(nn.Module):
                 reconstruct: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """image: [B,3,H,W] in [0,1]; mask: [B,1,H,W], 1 = hole.
 
-        Returns the prior [B, L, D_dec] (input of decoder block 6; zeros where the whole image is hole,
-        as the authors do) and, if ``reconstruct``, the MAE reconstruction [B,3,S,S] in [0,1].
+        Returns the prior [B, L, D_dec] (input of decoder block 6; zeros for an item whose every patch touches
+        the hole, as the authors' code returns) and, if ``reconstruct``, the MAE reconstruction [B,3,S,S] in [0,1].
         """
         prior, h, _ = self.run(image, mask, reconstruct)
         if not reconstruct:

@@ -133,14 +133,36 @@ def tensor_dict(obj: Any, path: str, containers: Iterable[str] = ("state_dict", 
         "expected a state dict, optionally under 'state_dict' or 'model'")
 
 
+def check_weights(sd: Mapping[str, torch.Tensor], path: str, names: Iterable[str] | None = None,
+                  floating: bool = True) -> None:
+    """One cheap pass over the tensors ``names`` (default: all) of a loaded file: each must be floating point (when
+    ``floating``) and finite. The error names the first bad tensor; no tensor is copied."""
+    name = os.path.basename(str(path)) or "weight file"
+    for key in (sd if names is None else names):
+        t = sd[key]
+        if not (t.is_floating_point() or t.is_complex()):
+            if floating:
+                raise CheckpointFormatError(
+                    f"{name}: tensor {key} has dtype {str(t.dtype).replace('torch.', '')}; expected floating-point "
+                    "weights. The file is not a weight file of this kind, or it was damaged; re-download it")
+            continue
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise CheckpointFormatError(
+                f"{name}: tensor {key} holds NaN or infinite values; expected finite weights. The file is damaged "
+                "or was saved from a diverged training run; re-download it or use an earlier checkpoint")
+
+
 def single_tensor(obj: Any, path: str) -> torch.Tensor:
-    """A file that stores one tensor: a bare tensor pickle, or a safetensors/dict file with one entry."""
+    """A file that stores one tensor: a bare tensor pickle, or a safetensors/dict file with one entry (floating
+    point and finite, else an error)."""
     if isinstance(obj, torch.Tensor):
+        check_weights({"tensor": obj}, path)
         return obj
     if isinstance(obj, Mapping):
-        tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
+        tensors = [(k, v) for k, v in obj.items() if isinstance(v, torch.Tensor)]
         if len(tensors) == 1:
-            return tensors[0]
+            check_weights(dict(tensors), path)
+            return tensors[0][1]
         raise CheckpointFormatError(
             f"{os.path.basename(path)} holds {len(tensors)} tensors; expected exactly one (an embedding)")
     raise CheckpointFormatError(f"{os.path.basename(path)} holds a {type(obj).__name__}; expected a tensor")
@@ -216,11 +238,15 @@ def build_from_state_dict(factory, sd: Mapping[str, torch.Tensor], path: str, wh
     """Build ``factory(device='meta')`` and adopt the file's tensors (no second copy in memory), then cast.
 
     Every parameter the architecture needs must be in the file (an error names the missing ones); keys
-    the architecture does not use are an error too, except prefixes listed in ``ignore_unexpected``.
+    the architecture does not use are an error too, except prefixes listed in ``ignore_unexpected``. Weights must
+    be floating point and finite (:func:`check_weights`, one pass, no copy).
     """
     module = factory(device="meta")
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    own = module.state_dict()
+    expected = {k: tuple(v.shape) for k, v in own.items()}
     check_tensors(sd, expected, path, what, ignore_unexpected)
+    check_weights(sd, path, [k for k in expected if own[k].is_floating_point()])
+    check_weights(sd, path, [k for k in expected if not own[k].is_floating_point()], floating=False)
     module.load_state_dict({k: sd[k] for k in expected}, strict=True, assign=True)
     if dtype is not None:
         module.to(dtype)

@@ -134,6 +134,36 @@ def test_full_and_empty_masks_are_finite_and_defined(files):
     assert torch.count_nonzero(pm[0]) == 0 and torch.allclose(pm[1], p1[0], atol=1e-5)
 
 
+def _grid_mask(size=256, step=16):
+    """Thin lines through every MAE patch (at the MAE's own 256² size): every token touched, ~12 % covered."""
+    m = torch.zeros(1, 1, size, size)
+    m[..., step // 2::step, :] = 1
+    m[..., :, step // 2::step] = 1
+    return m
+
+
+def test_mask_touching_every_patch_gives_the_authors_null_prior(files):
+    """No visible key: the authors' softmax is NaN there and their code returns the zero prior; so do we, per
+    image, and the other image of the batch is unchanged."""
+    mae = asuka.load_mae(str(files / "mae_300.pth"), dtype=torch.float64)
+    img, m = _inputs(h=256, w=256)
+    grid = _grid_mask()
+    assert 0 < float(grid.mean()) < 0.2
+    _, mk = _reference_inputs(img[:1], grid)
+    assert (torch.nn.functional.avg_pool2d(mk, 16) > 0).all()    # every key excluded: the authors' softmax is NaN
+    mixed = torch.cat([grid, m[1:]])
+    prior, recon = mae(img.double(), mixed.double())
+    assert torch.count_nonzero(prior[0]) == 0 and torch.isfinite(recon).all()
+    alone, _ = mae(img[1:].double(), m[1:].double())
+    assert torch.allclose(prior[1], alone[0], atol=1e-9)
+    # one uncovered patch leaves a key: the prior is the reference's again, not zero
+    grid[..., :16, :16] = 0
+    prior, _ = mae(img[:1].double(), grid.double())
+    x, mk = _reference_inputs(img[:1], grid)
+    rp, _ = ref.mae_prior(layouts.mae_checkpoint(**SMALL_MAE)["model"], x, mk, enc_heads=3, dec_heads=16)
+    assert torch.count_nonzero(prior) > 0 and (prior - rp).abs().max() < 1e-5
+
+
 def test_batch_items_are_independent(files):
     mae = asuka.load_mae(str(files / "mae_300.pth"))
     img, m = _inputs()
