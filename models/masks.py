@@ -15,6 +15,7 @@ next to the code below; they are parameters of :class:`PainterMaskSettings`.
 """
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
@@ -23,7 +24,14 @@ import torch.nn.functional as F
 
 from .regions import bounding_box
 
-PAINTER_KINDS = ("box", "irregular", "segmentation")
+class PainterKind(str, enum.Enum):
+    """PainterNet's mask kinds (eq. 6)."""
+    BOX = "box"
+    IRREGULAR = "irregular"
+    SEGMENTATION = "segmentation"
+
+
+PAINTER_KINDS = tuple(k.value for k in PainterKind)
 PAINTER_THRESHOLDS = (0.25, 0.75)     # eq. 6: box if k <= 0.25, irregular if k <= 0.75, else segmentation
 
 
@@ -149,17 +157,22 @@ def irregular_mask(seg: torch.Tensor, g: torch.Generator, settings: PainterMaskS
     return out
 
 
-# PAINTER_KINDS[i] -> draw(seg, g, settings)
-_PAINTER_DRAW = dict(zip(PAINTER_KINDS, (box_mask, irregular_mask, lambda seg, g, settings: _check(seg))))
+# kind -> draw(seg, g, settings)
+_PAINTER_DRAW = {PainterKind.BOX: box_mask, PainterKind.IRREGULAR: irregular_mask,
+                 PainterKind.SEGMENTATION: lambda seg, g, settings: _check(seg)}
+
+
+def _kind(enum_cls, kind, what: str):
+    try:
+        return enum_cls(kind)
+    except ValueError:
+        raise ValueError(f"expected {what} to be one of {', '.join(k.value for k in enum_cls)}; got {kind!r}") from None
 
 
 def kind_mask(seg: torch.Tensor, kind: str, g: torch.Generator,
               settings: PainterMaskSettings = PainterMaskSettings()) -> torch.Tensor:
-    """The mask of one kind in :data:`PAINTER_KINDS` drawn from ``seg``."""
-    draw = _PAINTER_DRAW.get(kind)
-    if draw is None:
-        raise ValueError(f"mask kind must be one of {', '.join(PAINTER_KINDS)}; got {kind!r}")
-    return draw(seg, g, settings)
+    """The mask of one :class:`PainterKind` drawn from ``seg``."""
+    return _PAINTER_DRAW[_kind(PainterKind, kind, "the mask kind")](seg, g, settings)
 
 
 def painter_mask(seg: torch.Tensor, g: torch.Generator, settings: PainterMaskSettings = PainterMaskSettings()):
@@ -187,7 +200,14 @@ def random_blob(H: int, W: int, g: torch.Generator, coverage: tuple[float, float
 # 40 % (the Co-Mod and LaMa styles), regular masks 10 % (a rectangle or its complement); the hole ratio is kept in
 # [0.1, 0.75]. The MAE is then trained with the hole enlarged to 75 % of its tokens by whole random patches
 # (:func:`fill_tokens`); the alignment module and the decoder train on the basis masks as they are.
-ASUKA_KINDS = ("object", "irregular", "regular")
+class AsukaKind(str, enum.Enum):
+    """ASUKA's mask basis."""
+    OBJECT = "object"
+    IRREGULAR = "irregular"
+    REGULAR = "regular"
+
+
+ASUKA_KINDS = tuple(k.value for k in AsukaKind)
 
 
 @dataclass(frozen=True)
@@ -288,10 +308,7 @@ def regular_mask(H: int, W: int, g: torch.Generator, s: AsukaMaskSettings = Asuk
 def asuka_kind_mask(kind: str, H: int, W: int, g: torch.Generator, shape: torch.Tensor | None = None,
                     s: AsukaMaskSettings = AsukaMaskSettings()) -> torch.Tensor:
     """One draw of a basis kind (no ratio control). ``shape``: the object shape for ``object`` (else an ellipse)."""
-    draw = _ASUKA_DRAW.get(kind)
-    if draw is None:
-        raise ValueError(f"ASUKA mask kind must be one of {', '.join(ASUKA_KINDS)}; got {kind!r}")
-    return draw(H, W, g, shape, s)
+    return _ASUKA_DRAW[_kind(AsukaKind, kind, "the ASUKA mask kind")](H, W, g, shape, s)
 
 
 def _object_kind(H: int, W: int, g: torch.Generator, shape, s: AsukaMaskSettings) -> torch.Tensor:
@@ -305,9 +322,9 @@ def _irregular_kind(H: int, W: int, g: torch.Generator, shape, s: AsukaMaskSetti
     return lama_mask(H, W, g, s) if _uniform(g) < 0.5 else comod_mask(H, W, g, s)
 
 
-# ASUKA_KINDS[i] -> draw(H, W, g, shape, settings)
-_ASUKA_DRAW = dict(zip(ASUKA_KINDS, (_object_kind, _irregular_kind,
-                                     lambda H, W, g, shape, s: regular_mask(H, W, g, s))))
+# kind -> draw(H, W, g, shape, settings)
+_ASUKA_DRAW = {AsukaKind.OBJECT: _object_kind, AsukaKind.IRREGULAR: _irregular_kind,
+               AsukaKind.REGULAR: lambda H, W, g, shape, s: regular_mask(H, W, g, s)}
 
 
 def asuka_mask(H: int, W: int, g: torch.Generator, shape: torch.Tensor | None = None,

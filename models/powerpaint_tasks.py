@@ -21,7 +21,7 @@ from typing import Mapping
 
 import torch
 
-from .weights import CheckpointFormatError, check_tensors
+from .weights import CheckpointFormatError, check_tensors, check_weights
 
 TASK_WORDS = ("P_ctxt", "P_shape", "P_obj")
 
@@ -85,11 +85,13 @@ def read_task_file(sd: Mapping[str, torch.Tensor], path: str):
         raise CheckpointFormatError(
             f"{path}: the task embeddings must all be [n, {CLIP_L_WIDTH}] (CLIP-L); found "
             + ", ".join(f"{w} {tuple(vectors[w].shape)}" for w in TASK_WORDS))
+    check_weights(vectors, path, TASK_WORDS)
     if not encoder:
         return {w: vectors[w].float() for w in TASK_WORDS}, None
     vocab = encoder.get("text_model.embeddings.token_embedding.weight")
     check_tensors(encoder, clip_l_shapes(vocab=vocab.shape[0] if vocab is not None else 49408), path,
                   "the PowerPaint branch text encoder (CLIP-L)", ignore_unexpected=("text_projection",))
+    check_weights(encoder, path)
     return {w: vectors[w].float() for w in TASK_WORDS}, encoder
 
 

@@ -15,8 +15,9 @@ import comfy.utils
 from ..models import asuka
 from ..models.harmonizing_decoder import decode_tiled, tile_count
 from ..models.harmonizing_stream import StreamingDecode
+from . import checks
 from . import comfy_compat as compat
-from .common import Precision, model_files, model_path, resolve_dtype, wrap_patcher
+from .common import CheckedNode, Precision, model_files, model_path, resolve_dtype, wrap_patcher
 from .comfy_compat import io
 from .layout import bchw_to_image, centre_crop_to_multiple, image_and_mask, match_batches
 
@@ -69,7 +70,7 @@ class HarmonizingDecoder:
         return [self.patcher]
 
 
-class ASUKALoader(io.ComfyNode):
+class ASUKALoader(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -96,23 +97,30 @@ class ASUKALoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, mae, alignment, alignment_pooled, null_tokens, null_pooled, dtype=Precision.AUTO.value):
-        device, offload = mm.text_encoder_device(), mm.text_encoder_offload_device()
-        kw = compat.build_kwargs(device)
-        dt = resolve_dtype(dtype, device)
-        mae_m = asuka.load_mae(model_path("asuka", mae), dt, **kw)
-        tok_m = asuka.load_alignment(model_path("asuka", alignment), dt, **kw)
-        pooled_path = model_path("asuka", alignment_pooled)
-        pool_m = asuka.load_alignment(pooled_path, dt, **kw) if pooled_path else None
-        nt, npool = model_path("asuka", null_tokens), model_path("asuka", null_pooled)
-        nulls = asuka.NullEmbeddings(asuka.load_null_tokens(nt) if nt else None,
-                                     asuka.load_null_pooled(npool) if npool else None)
-        asuka.check_compatible(mae_m, tok_m, pool_m, nulls)
-        prior = AsukaPrior(wrap_patcher(mae_m, device, offload), wrap_patcher(tok_m, device, offload),
-                           wrap_patcher(pool_m, device, offload) if pool_m is not None else None, nulls)
-        return io.NodeOutput(prior)
+        cls.check_inputs(mae=mae, alignment=alignment, alignment_pooled=alignment_pooled, null_tokens=null_tokens,
+                         null_pooled=null_pooled, dtype=dtype)
+        with checks.named(cls):
+            return io.NodeOutput(load_prior(mae, alignment, alignment_pooled, null_tokens, null_pooled, dtype))
 
 
-class ASUKAConditioning(io.ComfyNode):
+def load_prior(mae, alignment, alignment_pooled, null_tokens, null_pooled, dtype) -> AsukaPrior:
+    """The files chosen in Load ASUKA Prior (names in models/asuka, "none" for none) -> an AsukaPrior."""
+    device, offload = mm.text_encoder_device(), mm.text_encoder_offload_device()
+    kw = compat.build_kwargs(device)
+    dt = resolve_dtype(dtype, device)
+    mae_m = asuka.load_mae(model_path("asuka", mae), dt, **kw)
+    tok_m = asuka.load_alignment(model_path("asuka", alignment), dt, **kw)
+    pooled_path = model_path("asuka", alignment_pooled)
+    pool_m = asuka.load_alignment(pooled_path, dt, **kw) if pooled_path else None
+    nt, npool = model_path("asuka", null_tokens), model_path("asuka", null_pooled)
+    nulls = asuka.NullEmbeddings(asuka.load_null_tokens(nt) if nt else None,
+                                 asuka.load_null_pooled(npool) if npool else None)
+    asuka.check_compatible(mae_m, tok_m, pool_m, nulls)
+    return AsukaPrior(wrap_patcher(mae_m, device, offload), wrap_patcher(tok_m, device, offload),
+                      wrap_patcher(pool_m, device, offload) if pool_m is not None else None, nulls)
+
+
+class ASUKAConditioning(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -135,14 +143,16 @@ class ASUKAConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, asuka_prior, image, mask, condition_weight):
-        img, m = image_and_mask(image, mask)
+        cls.check_inputs(condition_weight=condition_weight)
+        with checks.named(cls):
+            img, m = image_and_mask(image, mask)
         tokens, pooled, preview = asuka_prior.encode(img, m, condition_weight)
         extra = {} if pooled is None else {"pooled_output": pooled}
         preview = F.interpolate(preview, size=img.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
         return io.NodeOutput([[tokens, extra]], bchw_to_image(preview))
 
 
-class HarmonizingDecoderLoader(io.ComfyNode):
+class HarmonizingDecoderLoader(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -157,9 +167,11 @@ class HarmonizingDecoderLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, decoder, dtype=Precision.AUTO.value):
+        cls.check_inputs(decoder=decoder, dtype=dtype)
         device, offload = mm.vae_device(), mm.vae_offload_device()
-        module = asuka.load_decoder(model_path("asuka", decoder), resolve_dtype(dtype, device),
-                                    **compat.build_kwargs(device))
+        with checks.named(cls):
+            module = asuka.load_decoder(model_path("asuka", decoder), resolve_dtype(dtype, device),
+                                        **compat.build_kwargs(device))
         return io.NodeOutput(HarmonizingDecoder(wrap_patcher(module, device, offload)))
 
 
@@ -170,12 +182,32 @@ def crop_to_latent(x: torch.Tensor, h: int, w: int, name: str) -> torch.Tensor:
         return x
     cropped = centre_crop_to_multiple(x) if min(H, W) >= 8 else x
     if tuple(cropped.shape[-2:]) != (h, w):
-        raise ValueError(f"the latent decodes to {w}x{h} but {name} is {W}x{H}; pass the image the latent was "
-                         "made from (same size, or the same rounded down to a multiple of 8)")
+        raise checks.InputError(
+            f"expected {name} of the size the latent decodes to ({w}x{h}, or that size before rounding down to a "
+            f"multiple of 8); got: the latent decodes to {w}x{h} but {name} is {W}x{H}. Pass the image the latent "
+            "was made from, or resize the latent's image first")
     return cropped
 
 
-class HarmonizingDecode(io.ComfyNode):
+def latent_problem(z, cfg) -> str | None:
+    """The message when ``z`` (samples["samples"]) cannot be decoded by a decoder of ``cfg``."""
+    if not isinstance(z, torch.Tensor) or z.ndim != 4:
+        return (f"expected samples to be an image latent [batch, channels, height, width]; got "
+                f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}. Decode video or audio "
+                "latents with their own VAE")
+    if z.shape[1] != cfg.z_channels:
+        fam = {16: "a FLUX", 4: "an SD1.5/SDXL"}
+        return (f"expected a latent with {cfg.z_channels} channels ({fam.get(cfg.z_channels, 'this')} latent, as this "
+                f"harmonizing decoder decodes); got {z.shape[1]} channels ({fam.get(z.shape[1], 'another model family')}"
+                " latent). Load the harmonizing decoder of the model family that made the latent")
+    if 0 in z.shape:
+        return f"expected a latent of at least 1x1; got shape {tuple(z.shape)}"
+    if not torch.isfinite(z).all():
+        return "expected samples without NaN or infinite values; got some. The sampler diverged; check its inputs"
+    return None
+
+
+class HarmonizingDecode(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -202,33 +234,29 @@ class HarmonizingDecode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, tile_size, overlap, tiling=None, **kwargs):
+    def problem(cls, tile_size=None, overlap=None, tiling=None, **values):
         if tile_size and tile_size < MIN_TILE:
-            return f"tile_size must be 0 (whole image) or at least {MIN_TILE} pixels"
-        if tile_size and tiling == Tiling.INDEPENDENT and overlap >= tile_size:
-            return f"overlap ({overlap}) must be smaller than tile_size ({tile_size})"
-        return True
+            return f"expected tile_size 0 (whole image) or at least {MIN_TILE} pixels; got {tile_size}"
+        if tile_size and overlap is not None and tiling == Tiling.INDEPENDENT and overlap >= tile_size:
+            return f"expected overlap smaller than tile_size ({tile_size}); got {overlap}"
+        return None
 
     @classmethod
     @torch.no_grad()
-    def execute(cls, samples, decoder, image, mask, tile_size, overlap, tiling=Tiling.EXACT):
-        z = samples["samples"]
-        if z.ndim != 4:
-            raise ValueError(f"samples must be an image latent [B,C,h,w]; got shape {tuple(z.shape)}")
+    def execute(cls, samples, decoder, image, mask, tile_size, overlap, tiling=Tiling.EXACT.value):
+        cls.check_inputs(tile_size=tile_size, overlap=overlap, tiling=tiling)
+        z = samples.get("samples") if isinstance(samples, dict) else None
         cfg = decoder.config
-        if z.shape[1] != cfg.z_channels:
-            raise ValueError(f"the latent has {z.shape[1]} channels but this decoder expects {cfg.z_channels} "
-                             f"({'FLUX' if cfg.z_channels == 16 else 'SD'} latents)")
-        if not torch.isfinite(z).all():
-            raise ValueError("samples contain NaN or infinite values")
+        checks.enforce(cls, latent_problem, z, cfg)
         f = cfg.factor
         h, w = z.shape[-2] * f, z.shape[-1] * f
-        img, m = image_and_mask(image, mask)
-        img, m = crop_to_latent(img, h, w, "image"), crop_to_latent(m, h, w, "mask")
-        z, img = match_batches(z, img, ("latent", "image"))
-        _, m = match_batches(z, m, ("latent", "mask"))
+        with checks.named(cls):
+            img, m = image_and_mask(image, mask)
+            img, m = crop_to_latent(img, h, w, "image"), crop_to_latent(m, h, w, "mask")
+            z, img = match_batches(z, img, ("latent", "image"))
+            _, m = match_batches(z, m, ("latent", "mask"))
         mm.load_models_gpu(decoder.models())
-        out = harmonized_decode(decoder.patcher, z, img * 2 - 1, m, tile_size, overlap, tiling)
+        out = harmonized_decode(decoder.patcher, z, img * 2 - 1, m, tile_size, overlap, Tiling(tiling))
         return io.NodeOutput(bchw_to_image(out))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -32,15 +33,19 @@ import comfy.model_management as mm
 from ..models import branch_layouts, powerpaint_tasks
 from ..models.sites import site_of
 from ..models.weights import build_from_state_dict, load_weights, tensor_dict
+from . import checks
 from . import comfy_compat as compat
 from .branch_unet import BranchNet, TimestepEmbedSequential, Upsample
-from .common import PercentRangeNode, Precision, model_files, model_path, percent_inputs, resolve_dtype, wrap_patcher
+from .common import (CheckedNode, PercentRangeNode, Precision, model_files, model_path, percent_inputs, resolve_dtype,
+                     wrap_patcher)
 from .comfy_compat import io
 from .layout import centre_crop_to_multiple, check_finite, image_and_mask, row_batch, vae_encode
 from .patching import ModelPatch, RunState, moved, sigma_range
 
 log = logging.getLogger(__name__)
 CATEGORY = "inpaint/consistent/branch"
+APPLY = "Apply Inpaint Branch"        # the display name of the node whose patch refuses at sampling time
+BASE_NAMES = {768: "SD1.5", 2048: "SDXL"}          # text width -> model family
 BranchType = io.Custom("INPAINT_BRANCH")
 
 
@@ -177,11 +182,16 @@ class BranchPatch(ModelPatch):
         lat = x[:, :self.latent_channels]
         cond = moved(run, "cond", self.cond, x.device, x.dtype)
         if cond.shape[-2:] != lat.shape[-2:]:
-            raise ValueError(f"inpaint branch: the model is sampling a {lat.shape[-1] * 8}x{lat.shape[-2] * 8} area but "
-                             f"the branch image is {cond.shape[-1] * 8}x{cond.shape[-2] * 8}; area-restricted "
-                             "conditioning (ConditioningSetArea) cannot be combined with an inpaint branch")
+            raise checks.refuse(APPLY, f"the sampled latent to be the size of the branch image ({cond.shape[-1] * 8}x"
+                                f"{cond.shape[-2] * 8} px, the latent output of {APPLY})",
+                                f"a {lat.shape[-1] * 8}x{lat.shape[-2] * 8} px latent",
+                                f"Sample the latent output of {APPLY} (not an empty or upscaled latent of another "
+                                "size); area conditioning (ConditioningSetArea) cannot be combined with an inpaint "
+                                "branch either")
         if cond.shape[0] not in (1, rows):
-            raise ValueError(f"inpaint branch: image batch {cond.shape[0]} does not match latent batch {rows}")
+            raise checks.refuse(APPLY, f"a sampled latent batch of {cond.shape[0]} (the image batch) or an image "
+                                "batch of 1", f"a latent batch of {rows}",
+                                f"Sample the latent output of {APPLY}, or give one image per latent")
         spec = self.branch.spec
         ctx = context if spec.uses_context else None
         if ctx is not None and self.branch_context is not None:
@@ -293,7 +303,7 @@ class BranchPatch(ModelPatch):
 
 
 # -- nodes ------------------------------------------------------------------------------------------------
-class BranchLoader(io.ComfyNode):
+class BranchLoader(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -314,9 +324,11 @@ class BranchLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, branch, dtype):
+        cls.check_inputs(branch=branch, dtype=dtype)
         device, offload = mm.get_torch_device(), mm.unet_offload_device()
-        return io.NodeOutput(load_branch(model_path("inpaint_branch", branch), resolve_dtype(dtype, device),
-                                         device, offload))
+        with checks.named(cls):
+            return io.NodeOutput(load_branch(model_path("inpaint_branch", branch), resolve_dtype(dtype, device),
+                                             device, offload))
 
 
 def _check_model(model, spec):
@@ -324,18 +336,20 @@ def _check_model(model, spec):
     unet = model.get_model_object("diffusion_model")
     base = model.model.model_config.unet_config
     want_ctx = spec.unet_config.get("context_dim") or spec.base_context_dim
+    want = BASE_NAMES.get(want_ctx, spec.base.upper())
     if base.get("context_dim") != want_ctx or bool(base.get("adm_in_channels")) != bool(spec.unet_config.get("adm_in_channels")):
-        name = {768: "SD1.5", 2048: "SDXL"}
-        raise ValueError(f"this {spec.kind} branch is built for {spec.base.upper()} (text width {want_ctx}) but the model "
-                         f"is {name.get(base.get('context_dim'), 'another architecture')} (text width "
-                         f"{base.get('context_dim')}); load the matching branch")
+        got = BASE_NAMES.get(base.get("context_dim"), type(model.model).__name__)
+        raise checks.refuse(APPLY, f"an {want} model (this {spec.kind} branch is built for {want}, text width {want_ctx})",
+                            f"a {got} model (text width {base.get('context_dim')})",
+                            f"Load the branch made for {got}, or an {want} model")
     ours = (spec.config["model_channels"], tuple(spec.config["channel_mult"]), tuple(spec.config["num_res_blocks"]))
     theirs = (base.get("model_channels"), tuple(base.get("channel_mult") or ()),
               tuple(unet.num_res_blocks) if hasattr(unet, "num_res_blocks") else ())
     if ours != theirs or len(unet.input_blocks) != len(spec.down_channels):
-        raise ValueError(f"the branch's UNet structure (channels {ours[0]}, multipliers {list(ours[1])}, res blocks "
-                         f"{list(ours[2])}) does not match the model's (channels {theirs[0]}, multipliers "
-                         f"{list(theirs[1])}, res blocks {list(theirs[2])})")
+        raise checks.refuse(APPLY, f"a model of the branch's UNet structure (channels {ours[0]}, multipliers "
+                            f"{list(ours[1])}, res blocks {list(ours[2])})",
+                            f"a model with channels {theirs[0]}, multipliers {list(theirs[1])}, res blocks "
+                            f"{list(theirs[2])}", "Load the branch made for this model")
 
 
 class ApplyBranch(PercentRangeNode):
@@ -371,16 +385,31 @@ class ApplyBranch(PercentRangeNode):
     @torch.no_grad()
     def execute(cls, model, vae, image, mask, branch, positive, negative, scale, start_percent, end_percent,
                 branch_positive=None, branch_negative=None):
+        cls.check_inputs(scale=scale, start_percent=start_percent, end_percent=end_percent)
+        window = sigma_range(model, start_percent, end_percent, cls)
         _check_model(model, branch.spec)
-        img, m = image_and_mask(image, mask)
-        img, m = centre_crop_to_multiple(img), centre_crop_to_multiple(m)     # as core InpaintModelConditioning
-        latent_format = model.get_model_object("latent_format")
-        cond, original = branch_condition(vae, latent_format, img, m, branch.spec)
-        context = branch_prompt(branch.spec, branch_positive, branch_negative)
-        patch = BranchPatch(branch, cond, scale, sigma_range(model, start_percent, end_percent),
-                            latent_format.latent_channels, context, branch_layouts.injection_sites(branch.spec))
+        _check_vae(vae, branch.spec)
+        with checks.named(cls):
+            img, m = image_and_mask(image, mask)
+            img, m = centre_crop_to_multiple(img), centre_crop_to_multiple(m)   # as core InpaintModelConditioning
+            context = branch_prompt(branch.spec, branch_positive, branch_negative)
+            latent_format = model.get_model_object("latent_format")
+            cond, original = branch_condition(vae, latent_format, img, m, branch.spec)
+        patch = BranchPatch(branch, cond, scale, window, latent_format.latent_channels, context,
+                            branch_layouts.injection_sites(branch.spec))
         latent = {"samples": original.cpu(), "noise_mask": m.reshape(-1, 1, *m.shape[-2:])}
         return io.NodeOutput(patch.attach(model), positive, negative, latent)
+
+
+def _check_vae(vae, spec) -> None:
+    """The VAE must make the latents the branch was trained on (4 channels for SD1.5 and SDXL) before any encoding."""
+    want = (spec.config["in_channels"] - 1) // 2           # in: noisy latent + masked-image latent + mask
+    got = getattr(vae, "latent_channels", None)
+    if got is not None and got != want:
+        fam = {4: "an SD1.5/SDXL VAE", 16: "a FLUX/SD3 VAE"}
+        raise checks.refuse(APPLY, f"{fam.get(want, 'a VAE')} ({want} latent channels, as this {spec.kind} "
+                            f"{spec.base.upper()} branch takes)", f"{fam.get(got, 'a VAE')} with {got} latent channels",
+                            "Connect the VAE of the model the branch is for (e.g. the checkpoint's own VAE)")
 
 
 def branch_condition(vae, latent_format, img, m, spec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,15 +431,22 @@ def branch_prompt(spec, branch_positive, branch_negative) -> dict | None:
     if branch_positive is None and branch_negative is None:
         return None
     if branch_positive is None or branch_negative is None:
-        raise ValueError("give both branch_positive and branch_negative, or neither")
+        raise checks.InputError("expected both branch_positive and branch_negative, or neither; got only "
+                                f"{'branch_positive' if branch_negative is None else 'branch_negative'}. Connect the "
+                                "other output of PowerPaint Task Prompt too")
     if not spec.uses_context:
-        raise ValueError(f"this {spec.kind} ({spec.base}) branch has no cross-attention, so it cannot use "
-                         "branch_positive / branch_negative; disconnect them")
+        raise checks.InputError(f"expected no branch_positive / branch_negative for this {spec.kind} ({spec.base}) "
+                                "branch (it has no cross-attention); got them. Disconnect them")
     width = spec.config["context_dim"]
     for name, c in (("branch_positive", branch_positive), ("branch_negative", branch_negative)):
-        if not c or c[0][0].ndim != 3 or c[0][0].shape[-1] != width:
-            raise ValueError(f"{name} must be text conditioning {width} wide for this {spec.kind} branch, "
-                             f"got {'nothing' if not c else tuple(c[0][0].shape)}")
+        t = c[0][0] if c and isinstance(c[0][0], torch.Tensor) else None
+        if t is None or t.ndim != 3 or t.shape[-1] != width:
+            raise checks.InputError(f"expected {name} to be text conditioning {width} wide for this {spec.kind} "
+                                    f"branch; got {'nothing' if t is None else tuple(t.shape)}. Use PowerPaint Task "
+                                    "Prompt with the SD1.5 CLIP")
+        if not torch.isfinite(t).all():
+            raise checks.InputError(f"expected {name} without NaN or infinite values; got some. Check the node that "
+                                    f"made {name}")
         if len(c) > 1:
             log.warning("%s has %d entries; the branch uses the first", name, len(c))
     return _common_length({0: branch_positive[0][0], 1: branch_negative[0][0]})
@@ -423,8 +459,9 @@ def _task_clip(path, encoder_sd, clip):
     if encoder_sd is not None:
         return compat.sd15_text_encoder(encoder_sd)
     if clip is None:
-        raise ValueError(f"{path} holds the task embeddings only; connect the SD1.5 CLIP (the authors use the "
-                         "plain SD1.5 text encoder for the branch)")
+        raise checks.InputError(f"expected a clip input for {os.path.basename(path)}, which holds the task "
+                                "embeddings only; got none. Connect the SD1.5 CLIP (the authors use the plain SD1.5 "
+                                "text encoder for the branch)")
     return clip
 
 
@@ -433,17 +470,19 @@ def encode_task_word(clip, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.T
     placeholder tokens -> (tokens [1, 77, 768], pooled [1, 768])."""
     base = clip.tokenize("")
     if set(base) != {"l"}:
-        raise ValueError(f"PowerPaint's branch uses an SD1.5 (CLIP-L) text encoder; this CLIP has encoders "
-                         f"{sorted(base)}")
+        raise checks.InputError(f"expected an SD1.5 CLIP (CLIP-L alone, PowerPaint's branch text encoder); got a CLIP "
+                                f"with encoders {sorted(base)}. Connect the SD1.5 checkpoint's CLIP")
     row = base["l"][0]
     n = vectors.shape[0]
     if n > len(row) - 2:
-        raise ValueError(f"{n} task vectors do not fit into {len(row)} tokens")
+        raise checks.InputError(f"expected at most {len(row) - 2} task vectors per word; got {n}")
+    if vectors.shape[-1] != 768:
+        raise checks.InputError(f"expected task vectors 768 wide (CLIP-L); got {vectors.shape[-1]}")
     tokens = [row[0]] + [(vectors[i], 1.0) for i in range(n)] + list(row[1:len(row) - n])
     return clip.encode_from_tokens({"l": [tokens]}, return_pooled=True)
 
 
-class PowerPaintTaskPrompt(io.ComfyNode):
+class PowerPaintTaskPrompt(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -471,22 +510,29 @@ class PowerPaintTaskPrompt(io.ComfyNode):
     @classmethod
     @torch.no_grad()
     def execute(cls, task_embeddings, task, fitting_degree, clip=None):
-        path = model_path("inpaint_branch", task_embeddings)
-        vectors, encoder_sd = powerpaint_tasks.read_task_file(tensor_dict(load_weights(path), path), path)
-        text = _task_clip(path, encoder_sd, clip)
-        encoded = {}
+        cls.check_inputs(task_embeddings=task_embeddings, task=task, fitting_degree=fitting_degree)
+        with checks.named(cls):
+            path = model_path("inpaint_branch", task_embeddings)
+            vectors, encoder_sd = powerpaint_tasks.read_task_file(tensor_dict(load_weights(path), path), path)
+            text = _task_clip(path, encoder_sd, clip)
+            return io.NodeOutput(*task_prompts(text, vectors, task, fitting_degree))
 
-        def enc(word):
-            if word not in encoded:
-                encoded[word] = encode_task_word(text, vectors[word])
-            return encoded[word]
 
-        out = []
-        for a, b in powerpaint_tasks.TASKS[task]:
-            (ca, pa), (cb, pb) = enc(a), enc(b)
-            out.append([[powerpaint_tasks.blend(ca, cb, fitting_degree),
-                         {"pooled_output": powerpaint_tasks.blend(pa, pb, fitting_degree)}]])
-        return io.NodeOutput(*out)
+def task_prompts(text, vectors: dict, task: str, fitting_degree: float) -> list:
+    """(branch_positive, branch_negative) of ``task``: its two words encoded with ``text`` and blended."""
+    encoded = {}
+
+    def enc(word):
+        if word not in encoded:
+            encoded[word] = encode_task_word(text, vectors[word])
+        return encoded[word]
+
+    out = []
+    for a, b in powerpaint_tasks.TASKS[task]:
+        (ca, pa), (cb, pb) = enc(a), enc(b)
+        out.append([[powerpaint_tasks.blend(ca, cb, fitting_degree),
+                     {"pooled_output": powerpaint_tasks.blend(pa, pb, fitting_degree)}]])
+    return out
 
 
 NODES = [BranchLoader, ApplyBranch, PowerPaintTaskPrompt]

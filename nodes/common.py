@@ -12,6 +12,7 @@ import torch
 import comfy.model_management as mm
 
 from ..models.weights import WEIGHT_EXTENSIONS
+from . import checks
 from . import comfy_compat as compat
 from .comfy_compat import io
 
@@ -43,7 +44,12 @@ def model_path(folder: str, name: str) -> Optional[str]:
     """Full path of a file chosen from a registered folder ("none" -> None). Only registered folders resolve."""
     if name == NONE:
         return None
-    return compat.full_path(folder, name)
+    try:
+        return compat.full_path(folder, name)
+    except FileNotFoundError:
+        raise checks.InputError(f"expected a file of models/{folder}; got {name!r}, which is not there. Put the file "
+                                f"into ComfyUI/models/{folder} (or a path of extra_model_paths.yaml) and refresh"
+                                ) from None
 
 
 class Precision(str, enum.Enum):
@@ -59,6 +65,8 @@ _FIXED_DTYPES = {Precision.FLOAT32: torch.float32, Precision.BFLOAT16: torch.bfl
 
 def resolve_dtype(choice: str, device: torch.device, params: int = 0) -> torch.dtype:
     """``auto``: bfloat16 where the device supports it, else float16, else float32 (CPU: float32)."""
+    if choice not in checks.options(Precision):
+        raise checks.InputError(checks.option_problem("dtype", choice, checks.options(Precision)))
     fixed = _FIXED_DTYPES.get(Precision(choice))
     if fixed is not None:
         return fixed
@@ -83,16 +91,50 @@ def percent_inputs(what: str = "the patch") -> list:
                            tooltip=f"Where {what} stops acting (1 = the last step)")]
 
 
-def check_percent_range(start_percent: float, end_percent: float):
-    """For a node's validate_inputs: True, or the message."""
-    if start_percent > end_percent:
-        return f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})"
-    return True
+def percent_problem(start_percent: Optional[float], end_percent: Optional[float]) -> Optional[str]:
+    """The message when the [start_percent, end_percent] window is not one (each in [0, 1], start <= end); a value
+    that is None arrives by link and is checked at execute."""
+    return checks.first(checks.number_problem("start_percent", start_percent, 0.0, 1.0),
+                        checks.number_problem("end_percent", end_percent, 0.0, 1.0),
+                        None if checks.linked(start_percent, end_percent) or start_percent <= end_percent else
+                        f"expected start_percent <= end_percent; got start_percent {start_percent} > end_percent "
+                        f"{end_percent}. Swap them (the patch would never act)")
 
 
-class PercentRangeNode(io.ComfyNode):
-    """A node with :func:`percent_inputs`: ComfyUI refuses a start after the end before the graph runs."""
+def check_percent_range(start_percent: Optional[float], end_percent: Optional[float]):
+    """For a node's validate_inputs: True, or the message (True when a value arrives by link)."""
+    return checks.verdict(percent_problem(start_percent, end_percent))
+
+
+class CheckedNode(io.ComfyNode):
+    """A node whose inputs are checked twice: in ``validate_inputs`` for the values typed into widgets, and again in
+    ``execute`` (:meth:`check_inputs`) where the values that arrive by link exist. Checked: every number of the
+    schema within its min/max, every combo value among its options (ComfyUI 0.3.64 checks neither for a node with
+    ``validate_inputs``, nor V3 combos), and the node's own :meth:`problem`."""
 
     @classmethod
-    def validate_inputs(cls, start_percent=0.0, end_percent=1.0, **kwargs):
-        return check_percent_range(start_percent, end_percent)
+    def problem(cls, **values) -> Optional[str]:
+        """The node's own checks between values ("expected ...; got ..."); a value may be None (linked)."""
+        return None
+
+    @classmethod
+    def input_problem(cls, values: dict) -> Optional[str]:
+        return checks.widget_problem(cls, values) or cls.problem(**values)
+
+    @classmethod
+    def validate_inputs(cls, **values):
+        return checks.verdict(cls.input_problem(values))
+
+    @classmethod
+    def check_inputs(cls, **values) -> None:
+        """For ``execute``: the checks of ``validate_inputs`` on the values the node really got."""
+        checks.enforce(cls, lambda: cls.input_problem(values))
+
+
+class PercentRangeNode(CheckedNode):
+    """A node with :func:`percent_inputs`: a start after the end is refused before the graph runs when typed in, and
+    when the node executes when linked (:func:`patching.sigma_range` checks it again for every patch)."""
+
+    @classmethod
+    def problem(cls, start_percent=None, end_percent=None, **values) -> Optional[str]:
+        return percent_problem(start_percent, end_percent)

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import torch
 
+from .checks import InputError
+
 # ComfyUI's VAEEncode / InpaintModelConditioning centre-crop an image to multiples of 8 pixels before encoding.
 COMFY_ENCODE_MULTIPLE = 8
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:
     if not torch.isfinite(t).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
+        bad = int((~torch.isfinite(t)).sum())
+        raise InputError(f"expected {name} without NaN or infinite values; got {bad} of them. Check the node that "
+                         f"made {name}")
 
 
 # -- IMAGE / MASK <-> BCHW ----------------------------------------------------------------------------------------
@@ -26,9 +30,13 @@ def image_view_bchw(image: torch.Tensor, name: str = "image") -> torch.Tensor:
     """IMAGE [B,H,W,C] -> a [B,3,H,W] *view* (no copy; for 4K+ images read patch by patch). RGBA drops alpha;
     grayscale is repeated to RGB."""
     if image.ndim != 4:
-        raise ValueError(f"{name} must be an IMAGE [batch, height, width, channels]; got shape {tuple(image.shape)}")
+        raise InputError(f"expected {name} to be an IMAGE [batch, height, width, channels]; got shape "
+                         f"{tuple(image.shape)}")
     if image.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"{name} has {image.shape[-1]} channels; expected RGB (3), RGBA (4) or grayscale (1)")
+        raise InputError(f"expected {name} with RGB (3), RGBA (4) or grayscale (1) channels; got {image.shape[-1]} "
+                         "channels")
+    if image.shape[0] == 0 or image.shape[1] == 0 or image.shape[2] == 0:
+        raise InputError(f"expected a non-empty {name}; got shape {tuple(image.shape)}")
     check_finite(image, name)
     view = image[..., :3] if image.shape[-1] >= 3 else image.expand(-1, -1, -1, 3)
     return view.permute(0, 3, 1, 2)
@@ -41,7 +49,9 @@ def mask_view_b1hw(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
     if mask.ndim == 4 and mask.shape[1] == 1:
         mask = mask[:, 0]
     if mask.ndim != 3:
-        raise ValueError(f"{name} must be a MASK [batch, height, width]; got shape {tuple(mask.shape)}")
+        raise InputError(f"expected {name} to be a MASK [batch, height, width]; got shape {tuple(mask.shape)}")
+    if mask.numel() == 0:
+        raise InputError(f"expected a non-empty {name}; got shape {tuple(mask.shape)}")
     check_finite(mask, name)
     if mask.dtype != torch.float32 or bool((mask < 0).any() or (mask > 1).any()):
         mask = mask.float().clamp(0, 1)
@@ -90,7 +100,8 @@ def centre_crop_to_multiple(x: torch.Tensor, multiple: int = COMFY_ENCODE_MULTIP
     H, W = x.shape[-2:]
     h, w = H // multiple * multiple, W // multiple * multiple
     if h == 0 or w == 0:
-        raise ValueError(f"image is {W}x{H}; it must be at least {multiple}x{multiple} pixels")
+        raise InputError(f"expected an image of at least {multiple}x{multiple} pixels; got {W}x{H}. Upscale it (e.g. "
+                         "ImageScale) first")
     oy, ox = (H - h) // 2, (W - w) // 2
     return x[..., oy:oy + h, ox:ox + w]
 
@@ -101,7 +112,8 @@ def row_batch(t: torch.Tensor, rows: int, what: str) -> torch.Tensor:
         return t
     if t.shape[0] == 1:
         return t.expand(rows, *t.shape[1:])
-    raise ValueError(f"{what} has a batch of {t.shape[0]} but the latent batch is {rows}; give one, or one per latent")
+    raise InputError(f"expected {what} with a batch of 1 or {rows}; got: {what} has a batch of {t.shape[0]} but the "
+                     f"latent batch is {rows}. Give one, or one per latent")
 
 
 def match_batches(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,15 +124,16 @@ def match_batches(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> t
         return a, b.expand(a.shape[0], *b.shape[1:])
     if a.shape[0] == 1:
         return a.expand(b.shape[0], *a.shape[1:]), b
-    raise ValueError(f"{names[0]} batch is {a.shape[0]} but {names[1]} batch is {b.shape[0]}; give one {names[1]}, or "
-                     f"one per {names[0]}")
+    raise InputError(f"expected a batch of 1 or {a.shape[0]} for {names[1]}; got: {names[0]} batch is {a.shape[0]} "
+                     f"but {names[1]} batch is {b.shape[0]}. Give one {names[1]}, or one per {names[0]}")
 
 
 def match_image_mask(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Check sizes and broadcast a batch of 1 on either side. image [B,3,H,W], mask [B',1,H,W]."""
     if image.shape[-2:] != mask.shape[-2:]:
-        raise ValueError(f"mask is {mask.shape[-1]}x{mask.shape[-2]} but image is {image.shape[-1]}x{image.shape[-2]}; "
-                         "they must be the same size (resize the mask, e.g. with ImageToMask/ResizeMask)")
+        raise InputError(f"expected the mask to be the size of the image; got: mask is {mask.shape[-1]}x"
+                         f"{mask.shape[-2]} but image is {image.shape[-1]}x{image.shape[-2]}. Resize the mask (e.g. "
+                         "with ResizeMask) or the image")
     return match_batches(image, mask, ("image", "mask"))
 
 

@@ -14,7 +14,9 @@ from typing import Callable, Optional
 
 import torch
 
+from . import checks
 from . import comfy_compat as compat
+from .common import percent_problem
 
 _RUN_SCOPE: contextvars.ContextVar = contextvars.ContextVar("consistent_inpaint_run", default=None)
 
@@ -70,8 +72,10 @@ def run_scope(key: str, factory: Callable[[], RunState]):
     return outer_sample
 
 
-def sigma_range(model, start_percent: float, end_percent: float) -> tuple[float, float]:
-    """(sigma at start, sigma at end) of the model's sampling schedule: a step is inside when end <= sigma <= start."""
+def sigma_range(model, start_percent: float, end_percent: float, node=None) -> tuple[float, float]:
+    """(sigma at start, sigma at end) of the model's sampling schedule: a step is inside when end <= sigma <= start.
+    Refuses a window that is not one (values that arrived by link are only known here); ``node`` names the node."""
+    checks.enforce(node or "model patch", lambda: percent_problem(start_percent, end_percent))
     sampling = model.get_model_object("model_sampling")
     return float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent))
 

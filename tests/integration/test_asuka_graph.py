@@ -206,7 +206,7 @@ def test_rgba_and_grayscale_images_are_accepted_and_other_channel_counts_rejecte
     assert torch.equal(layout.image_to_bchw(rgba), layout.image_to_bchw(rgb))
     gray = layout.image_to_bchw(rgb[..., :1])
     assert gray.shape == (2, 3, 8, 10) and torch.equal(gray[:, 0], gray[:, 2])
-    with pytest.raises(ValueError, match="has 2 channels"):
+    with pytest.raises(ValueError, match="got 2 channels"):
         layout.image_to_bchw(rgb[..., :2])
     with pytest.raises(ValueError, match="NaN"):
         layout.image_to_bchw(torch.full((1, 4, 4, 3), float("nan")))
