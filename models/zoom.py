@@ -154,27 +154,87 @@ def paste_back(image: torch.Tensor, inpainted: torch.Tensor, info: CropInfo, fea
 
 
 # -- the subject image --------------------------------------------------------------------------------------
-def prepare_subject(image: torch.Tensor, mask: torch.Tensor | None, margin: float = 1.02) -> torch.Tensor:
-    """LAR-Gen's subject preparation: background (mask 0) to white, cropped to the subject's bounding box, padded
-    with white to a square of ``margin`` x its longer side. image [S,3,H,W] in [0,1], mask [S,1,H,W] or None
-    (the whole image is the subject) -> [S,3,side,side] (one side for the batch: the largest)."""
+# The authors' subject preprocessing (scepter's LAR-Gen UI, ``data_preprocess_inpaint``), reproduced step by step:
+#   mask = alpha/sketch > 128 (of 255); image * mask + white * (1 - mask);
+#   box = get_bbox_from_mask: first and last non-zero row/column, the *last* used as an exclusive end; fewer than
+#         10 mask pixels -> the whole image;
+#   CLIP input: the crop padded with white, centred (top = (side - h) // 2), to side = int(max(h, w) * 1.02), then
+#               torchvision Resize((224, 224)) on a float tensor: bilinear, antialiased (torchvision >= 0.17);
+#   RefineNet input: the crop (no margin) with its longer side scaled to the resolution (albumentations
+#               LongestMaxSize: round(side * scale), cv2 INTER_LINEAR, no antialias), padded white, centred.
+SUBJECT_MARGIN = 1.02
+SUBJECT_MASK_THRESHOLD = 128 / 255       # the authors binarise the 8-bit sketch at > 128
+SUBJECT_MIN_PIXELS = 10                  # below this many mask pixels the authors keep the whole frame
+CLIP_SIZE = 224
+
+
+def subject_box(mask: torch.Tensor) -> Box:
+    """The authors' crop of a binary [H, W] subject mask: rows/columns from the first non-zero one to the last one
+    (exclusive, as their code slices), the whole frame for fewer than 10 mask pixels. Where their slice would be
+    empty (every subject pixel in one row or column) the box keeps that one row/column."""
+    H, W = mask.shape
+    if int(mask.sum()) < SUBJECT_MIN_PIXELS:
+        return 0, H, 0, W
+    y0, y1, x0, x1 = bounding_box(mask)
+    return y0, max(y1 - 1, y0 + 1), x0, max(x1 - 1, x0 + 1)
+
+
+def subject_crops(image: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """image [S,3,H,W] in [0,1], mask [S or 1,1,H,W] (1 = subject) or None (the whole image is the subject) ->
+    one [1,3,h,w] crop per subject, background (mask <= 128/255) white."""
     if mask is None:
-        return _square_white(image, margin)
+        return list(image.split(1))
     out = []
     for i in range(image.shape[0]):
-        m = mask[min(i, mask.shape[0] - 1):][:1]
-        bbox = bounding_box(m[0, 0] > 0.5)
-        if bbox is None:
+        m = (mask[min(i, mask.shape[0] - 1)][None] > SUBJECT_MASK_THRESHOLD).to(image.dtype)
+        if not m.any():
             raise ValueError(f"subject mask {i} is empty; it must cover the subject (1 = subject)")
-        y0, y1, x0, x1 = bbox
-        img = image[i:i + 1] * m + (1 - m)
-        out.append(img[..., y0:y1, x0:x1])
-    side = max(max(o.shape[-2:]) for o in out)
-    return torch.cat([_resize(_square_white(o, margin), math.ceil(side * margin)) for o in out])
+        y0, y1, x0, x1 = subject_box(m[0, 0])
+        out.append((image[i:i + 1] * m + (1 - m))[..., y0:y1, x0:x1])
+    return out
 
 
-def _square_white(image: torch.Tensor, margin: float) -> torch.Tensor:
-    h, w = image.shape[-2:]
-    side = math.ceil(max(h, w) * margin)
-    t, l = (side - h) // 2, (side - w) // 2
-    return F.pad(image, (l, side - w - l, t, side - h - t), value=1.0)
+def pad_white_centre(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[..., h, w] padded with white to at least ``height`` x ``width``, centred as albumentations' PadIfNeeded
+    (top = (height - h) // 2)."""
+    h, w = x.shape[-2:]
+    dh, dw = max(height - h, 0), max(width - w, 0)
+    if not (dh or dw):
+        return x
+    return F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2), value=1.0)
+
+
+def clip_square(crop: torch.Tensor, margin: float = SUBJECT_MARGIN) -> torch.Tensor:
+    """[1,3,h,w] -> the white square of side int(max(h, w) * margin) around it (the authors' CLIP input before
+    resizing)."""
+    side = int(max(crop.shape[-2:]) * margin)
+    return pad_white_centre(crop, side, side)
+
+
+def resize_bilinear_aa(x: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision's Resize((size, size)) of a float tensor: bilinear, antialiased, half-pixel centres."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def prepare_subject(image: torch.Tensor, mask: torch.Tensor | None, margin: float = SUBJECT_MARGIN,
+                    size: int | None = None) -> torch.Tensor:
+    """LAR-Gen's subject square (the CLIP input): every subject cropped and whitened (:func:`subject_crops`), padded
+    white to int(longer side x ``margin``) (:func:`clip_square`) and, with ``size``, resized as the authors resize to
+    224 (:func:`resize_bilinear_aa`) -> [S,3,s,s]. Without ``size`` the squares keep their side; subjects of
+    different sides are then brought to the largest the same way."""
+    squares = [clip_square(c, margin) for c in subject_crops(image, mask)]
+    side = size or max(sq.shape[-1] for sq in squares)
+    return torch.cat([resize_bilinear_aa(sq, side) for sq in squares]).clamp(0, 1)
+
+
+def refine_square(crop: torch.Tensor, resolution: int) -> torch.Tensor:
+    """The authors' RefineNet input of one [1,3,h,w] crop: the longer side scaled to ``resolution`` (round, bilinear
+    without antialias, as cv2's INTER_LINEAR), then padded white and centred -> [1,3,resolution,resolution]."""
+    h, w = crop.shape[-2:]
+    scale = resolution / max(h, w)
+    if scale != 1.0:
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        crop = F.interpolate(crop, size=size, mode="bilinear", antialias=False, align_corners=False)
+    return pad_white_centre(crop, resolution, resolution).clamp(0, 1)

@@ -36,11 +36,14 @@ from .branch_unet import RefineNet, set_transformer_norm_eps, transformer_sites
 from .common import (PercentRangeNode, Precision, model_files, model_path, percent_inputs, resolve_dtype,
                      wrap_patcher)
 from .comfy_compat import io
-from .layout import (b1hw_to_mask, bchw_to_image, check_finite, image_and_mask, image_to_bchw, mask_to_b1hw,
-                     match_image_mask, pixels_for_comfy, row_batch, vae_encode)
+from .layout import (b1hw_to_mask, bchw_to_image, image_and_mask, image_to_bchw, mask_to_b1hw,
+                     row_batch, vae_encode)
 from .patching import ModelPatch, StepNoise, add_site_replaces, bound_attention, moved, once_per_run, sigma_range
+from .widget_checks import Checked, named, refuse, require_rows, require_sdxl, require_unet, require_vae_of
 
 log = logging.getLogger(__name__)
+# Display names, for refusals raised while sampling (where the patch, not the node class, is at hand).
+SUBJECT_NODE, REFINE_NODE = "Apply LAR-Gen Subject Attention", "Apply LAR-Gen RefineNet"
 CATEGORY = "inpaint/consistent/LAR-Gen"
 SubjectAdapterType = io.Custom("SUBJECT_ADAPTER")
 RefineNetType = io.Custom("REFINENET")
@@ -175,8 +178,12 @@ def refinenet_from_parts(refinenet: dict, projector: dict, path: str, dtype_choi
 
 
 # -- the subject image -------------------------------------------------------------------------------------
-def subject_square(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """IMAGE (RGB, or RGBA whose alpha marks the subject) + optional MASK (1 = subject) -> [S,3,s,s] on white."""
+# The authors' preprocessing (models/zoom.py says each step): the subject whitened and cropped, then
+# * CLIP: padded white to int(1.02 x its longer side) and resized bilinear (antialiased) to 224, normalised;
+# * RefineNet: its longer side scaled to the resolution (bilinear), padded white to the square.
+def subject_crops(node, image: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """IMAGE (RGB, or RGBA whose alpha marks the subject) + optional MASK (1 = subject) -> one [1,3,h,w] crop per
+    subject on white."""
     if image.ndim == 4 and image.shape[-1] == 4 and mask is None:
         mask = image[..., 3]
     pixels = image_to_bchw(image, "subject_image")
@@ -185,8 +192,23 @@ def subject_square(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tens
         m = mask_to_b1hw(mask, "subject_mask")
         if m.shape[-2:] != pixels.shape[-2:]:     # e.g. LoadImage's 64x64 stand-in mask of an image without alpha
             m = F.interpolate(m, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
-        pixels, m = match_image_mask(pixels, m)
-    return zoom.prepare_subject(pixels, m)
+        if m.shape[0] not in (1, pixels.shape[0]):
+            raise refuse(node, f"one subject_mask, or one per subject image ({pixels.shape[0]})",
+                         f"{m.shape[0]} masks")
+        empty = [i for i in range(m.shape[0]) if not (m[i] > zoom.SUBJECT_MASK_THRESHOLD).any()]
+        if empty:
+            raise refuse(node, "a subject_mask that marks the subject (1 = subject, > 0.5)",
+                         f"an empty mask (batch item {empty[0]})", "Paint the subject, or leave subject_mask "
+                         "unconnected to use the whole image.")
+    return zoom.subject_crops(pixels, m)
+
+
+def subject_square(image: torch.Tensor, mask: torch.Tensor | None, node="LAR-Gen") -> torch.Tensor:
+    """The CLIP input before its resize: [S,3,s,s] white squares (see models/zoom.prepare_subject)."""
+    crops = subject_crops(node, image, mask)
+    squares = [zoom.clip_square(c) for c in crops]
+    side = max(sq.shape[-1] for sq in squares)
+    return torch.cat([zoom.resize_bilinear_aa(sq, side) for sq in squares])
 
 
 CLIP_VISION_WIDTHS = {1024: "CLIP ViT-L/14", 1280: "CLIP ViT-H/14", 1664: "CLIP ViT-bigG/14"}   # hidden widths
@@ -199,16 +221,36 @@ def clip_width_error(width: int, want: int) -> str:
             "models/clip_vision)")
 
 
+def clip_width_refusal(node, width: int, want: int):
+    names = CLIP_VISION_WIDTHS
+    return refuse(node, f"a CLIP vision model with {want}-wide features ({names.get(want, '?')})",
+                  f"one with {width}-wide features ({names.get(width, 'another encoder')})",
+                  "Load CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors from models/clip_vision.")
+
+
 def encode_subject(clip_vision, square: torch.Tensor):
-    """-> (penultimate hidden states [S,T,W], last hidden state [S,T,W]) of the square subject images."""
-    return compat.encode_clip_vision(clip_vision, pixels_for_comfy(square))
+    """-> (penultimate hidden states [S,T,W], last hidden state [S,T,W]) of square subject images [S,3,s,s] in
+    [0, 1], resized as the authors (bilinear, antialiased, to the encoder's 224) and normalised without ComfyUI's
+    8-bit rounding."""
+    mm.load_model_gpu(clip_vision.patcher)
+    size = getattr(clip_vision, "image_size", zoom.CLIP_SIZE)
+    mean = torch.tensor(getattr(clip_vision, "image_mean", CLIP_MEAN)).view(1, 3, 1, 1)
+    std = torch.tensor(getattr(clip_vision, "image_std", CLIP_STD)).view(1, 3, 1, 1)
+    x = (zoom.resize_bilinear_aa(square.float().cpu(), size) - mean) / std
+    out = clip_vision.model(pixel_values=x.to(clip_vision.load_device), intermediate_output=-2)
+    return out[1].to(mm.intermediate_device()), out[0].to(mm.intermediate_device())
+
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def subject_latent(vae, latent_format, squares, resolution: int) -> torch.Tensor:
     """The RefineNet's input: square subject images in [0, 1] ([S,3,s,s], or a list of such whose sides differ)
-    resized to ``resolution`` and encoded in one VAE call, at the model's latent scale -> [S,4,res/8,res/8]."""
+    resized to ``resolution`` (where they are not that size already) and encoded in one VAE call, at the model's
+    latent scale -> [S,4,res/8,res/8]."""
     squares = [squares] if torch.is_tensor(squares) else squares
-    pixels = torch.cat([F.interpolate(sq, size=(resolution, resolution), mode="bicubic", antialias=True,
+    pixels = torch.cat([sq if sq.shape[-2:] == (resolution, resolution) else
+                        F.interpolate(sq, size=(resolution, resolution), mode="bicubic", antialias=True,
                                       align_corners=False) for sq in squares]).clamp(0, 1)
     return latent_format.process_in(vae_encode(vae, pixels).float())
 
@@ -258,6 +300,9 @@ class SubjectPatch(ModelPatch):
         if not extra.get(self.key):
             return text_out
         chunks, rows = self.chunks_rows(q.shape[0], extra)
+        require_rows(SUBJECT_NODE, "subject image", next(iter(self.kv.values()))[0].shape[0], rows)
+        if self.region is not None:
+            require_rows(SUBJECT_NODE, "attn_mask", self.region.shape[0], rows)
         k, v = self.rows_kv(site, chunks, rows, q.device, q.dtype)
         region = self.region_rows(q.shape[1], extra["original_shape"], chunks, rows, q.device, q.dtype)
         return largen.decoupled_attention(text_out, q, k, v, extra["n_heads"], self.weight, bound_attention(extra),
@@ -270,11 +315,10 @@ class SubjectPatch(ModelPatch):
         return m
 
 
-def model_sites(model) -> dict:
+def model_sites(model, node=SUBJECT_NODE) -> dict:
     """{site: (self-attention channels, cross-attention channels or None)} of a MODEL's UNet."""
+    require_unet(node, model, "SDXL")
     unet = model.get_model_object("diffusion_model")
-    if not hasattr(unet, "input_blocks"):
-        raise ValueError("LAR-Gen works on SDXL UNet models; this MODEL has no UNet blocks")
     return {s: (tb.attn1.to_q.out_features, None if tb.attn2 is None else tb.attn2.to_q.out_features)
             for s, tb in transformer_sites(unet).items()}
 
@@ -331,7 +375,9 @@ class RefinePatch(ModelPatch):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         y = kwargs.get("y")
         if y is None:
-            raise RuntimeError("the RefineNet needs an SDXL model (no size/pooled vector 'y' reached the model)")
+            raise refuse(REFINE_NODE, "an SDXL model (its size/pooled vector 'y')", "a model call without one")
+        _, rows = self.chunks_rows(x.shape[0], transformer_options)
+        require_rows(REFINE_NODE, "subject image", self.latent.shape[0], rows)
         run = self.run()
         y_ref = y[:1].clone()
         y_ref[:, :self.null_pooled.shape[-1]] = self.null_pooled.to(y_ref)
@@ -365,7 +411,15 @@ class RefinePatch(ModelPatch):
 
 
 # -- nodes ------------------------------------------------------------------------------------------------
-class LARGenLoader(io.ComfyNode):
+def _loaded(node, what: str, load):
+    """``load()``, its weight-file errors refused with the node's name (what the node expected, what it found)."""
+    try:
+        return load()
+    except CheckpointFormatError as e:
+        raise refuse(node, what, str(e), "See docs/largen_format.md for the files it reads.") from e
+
+
+class LARGenLoader(Checked, io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -388,16 +442,19 @@ class LARGenLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, checkpoint, image_proj, dtype=Precision.AUTO):
+        cls.check_inputs(checkpoint=checkpoint, image_proj=image_proj, dtype=dtype)
         ip = None if image_proj == FROM_CHECKPOINT else model_path("largen", image_proj)
-        return io.NodeOutput(*load_largen(model_path("largen", checkpoint), ip, dtype))
+        return io.NodeOutput(*_loaded(cls, "a LAR-Gen checkpoint (SDXL 9-channel UNet with to_k_ip/to_v_ip) and an "
+                                           "SDXL IP-Adapter-Plus resampler",
+                                      lambda: load_largen(model_path("largen", checkpoint), ip, dtype)))
 
 
-class ApplySubjectAttention(PercentRangeNode):
+class ApplySubjectAttention(Checked, PercentRangeNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="ConsistentInpaintApplySubjectAttention",
-            display_name="Apply LAR-Gen Subject Attention",
+            display_name=SUBJECT_NODE,
             category=CATEGORY,
             description="Adds LAR-Gen's decoupled subject attention: every cross-attention adds weight · "
                         "Attn(q, K_subject, V_subject) to the text attention.",
@@ -411,8 +468,9 @@ class ApplySubjectAttention(PercentRangeNode):
                                tooltip="β: 1.0 in the authors' code, 0.3 in the paper's text+subject setting"),
                 *percent_inputs("the subject"),
                 io.Mask.Input("attn_mask", optional=True, tooltip="Confine the subject to this region (1 = subject)"),
-                io.Mask.Input("subject_mask", optional=True, tooltip="1 = subject, 0 = background (made white); resized to the "
-                                                                  "subject image if its size differs"),
+                io.Mask.Input("subject_mask", optional=True,
+                              tooltip="1 = subject, 0 = background (made white); resized to the subject image if its "
+                                      "size differs"),
             ],
             outputs=[io.Model.Output(display_name="MODEL")],
         )
@@ -421,25 +479,31 @@ class ApplySubjectAttention(PercentRangeNode):
     @torch.no_grad()
     def execute(cls, model, subject_adapter, clip_vision, subject_image, weight, start_percent, end_percent,
                 attn_mask=None, subject_mask=None):
-        check_adapter_fits(subject_adapter, model_sites(model))
-        feats, _ = encode_subject(clip_vision, subject_square(subject_image, subject_mask))
+        cls.check_inputs(weight=weight, start_percent=start_percent, end_percent=end_percent)
+        require_sdxl(cls, model, "LAR-Gen's UNet")
+        with named(cls):
+            check_adapter_fits(cls, subject_adapter, model_sites(model, cls))
+            square = subject_square(subject_image, subject_mask, cls)
+            region = attention_region(cls, attn_mask)
+        feats, _ = encode_subject(clip_vision, square)
         if feats.shape[-1] != subject_adapter.embedding_dim:
-            raise ValueError(clip_width_error(feats.shape[-1], subject_adapter.embedding_dim))
+            raise clip_width_refusal(cls, feats.shape[-1], subject_adapter.embedding_dim)
         kv, kv_zero = (subject_keys_values(subject_adapter, f) for f in (feats, encode_zero_image(clip_vision)))
-        check_finite(next(iter(kv.values()))[0], "subject tokens")
-        patch = SubjectPatch(kv, kv_zero, weight, sigma_range(model, start_percent, end_percent),
-                             attention_region(attn_mask))
+        if not torch.isfinite(next(iter(kv.values()))[0]).all():
+            raise refuse(cls, "finite subject tokens", "NaN or infinite ones from the CLIP vision model and the "
+                         "subject adapter", "Check the CLIP vision file and the LAR-Gen checkpoint.")
+        patch = SubjectPatch(kv, kv_zero, weight, sigma_range(model, start_percent, end_percent), region)
         return io.NodeOutput(patch.attach(model))
 
 
-def check_adapter_fits(adapter: SubjectAdapter, sites: dict) -> None:
+def check_adapter_fits(node, adapter: SubjectAdapter, sites: dict) -> None:
     """Every cross-attention the adapter projects for must exist in the model (``sites``: :func:`model_sites`) with
     the adapter's width."""
     for site, ch in adapter.channels.items():
         if site not in sites or sites[site][1] != ch:
-            raise ValueError(f"the subject adapter does not fit this model: cross-attention {site} is "
-                             f"{'absent' if site not in sites else f'{sites[site][1]} wide'}, the adapter's is "
-                             f"{ch} wide. Connect the MODEL from Load LAR-Gen (or another SDXL model)")
+            raise refuse(node, f"a MODEL whose cross-attention {site} is {ch} wide (the subject adapter's)",
+                         "none there" if site not in sites else f"{sites[site][1]} wide",
+                         "Connect the MODEL from Load LAR-Gen (or another SDXL model).")
 
 
 def subject_keys_values(adapter: SubjectAdapter, features: torch.Tensor) -> dict:
@@ -451,18 +515,18 @@ def subject_keys_values(adapter: SubjectAdapter, features: torch.Tensor) -> dict
             net.project(net.resampler(features.to(dev, net.dtype))).items()}
 
 
-def attention_region(attn_mask) -> torch.Tensor | None:
+def attention_region(node, attn_mask) -> torch.Tensor | None:
     """The optional attn_mask as [M, 1, H, W] (1 = the subject acts), or None (everywhere)."""
     if attn_mask is None:
         return None
     region = mask_to_b1hw(attn_mask, "attn_mask")
     if not (region > 0).any():
-        raise ValueError("attn_mask is empty, so the subject would act nowhere; leave it unconnected to "
-                         "apply the subject everywhere")
+        raise refuse(node, "an attn_mask that marks where the subject acts", "an empty attn_mask (the subject would "
+                     "act nowhere)", "Leave it unconnected to apply the subject everywhere.")
     return region
 
 
-class RefineNetLoader(io.ComfyNode):
+class RefineNetLoader(Checked, io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -480,15 +544,17 @@ class RefineNetLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, checkpoint, dtype=Precision.AUTO):
-        return io.NodeOutput(load_refinenet(model_path("largen", checkpoint), dtype))
+        cls.check_inputs(checkpoint=checkpoint, dtype=dtype)
+        return io.NodeOutput(_loaded(cls, "a LAR-Gen RefineNet (ref_* SDXL UNet copy + patch projector)",
+                                     lambda: load_refinenet(model_path("largen", checkpoint), dtype)))
 
 
-class ApplyRefineNet(PercentRangeNode):
+class ApplyRefineNet(Checked, PercentRangeNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="ConsistentInpaintApplyRefineNet",
-            display_name="Apply LAR-Gen RefineNet",
+            display_name=REFINE_NODE,
             category=CATEGORY,
             description="Lends the subject's details: the RefineNet runs on the noised subject latent once per step "
                         "and every decoder self-attention of the model also attends to its tokens.",
@@ -500,7 +566,7 @@ class ApplyRefineNet(PercentRangeNode):
                 io.Image.Input("subject_image"),
                 *percent_inputs("the RefineNet"),
                 io.Mask.Input("subject_mask", optional=True, tooltip="1 = subject, 0 = background (made white)"),
-                io.Int.Input("subject_resolution", default=1024, min=256, max=4096, step=64, optional=True,
+                io.Int.Input("subject_resolution", default=1024, min=64, max=4096, step=64, optional=True,
                              tooltip="Side of the square subject latent (the authors: the inpainting resolution)"),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, optional=True,
                              tooltip="Noise for the subject latent (a fresh draw each step)"),
@@ -515,49 +581,58 @@ class ApplyRefineNet(PercentRangeNode):
     @torch.no_grad()
     def execute(cls, model, refinenet, vae, clip_vision, subject_image, start_percent, end_percent,
                 subject_mask=None, subject_resolution=1024, seed=0, clip=None):
+        cls.check_inputs(start_percent=start_percent, end_percent=end_percent, subject_resolution=subject_resolution,
+                         seed=seed)
         net = refinenet.net
-        check_refinenet_fits(net, model_sites(model))
-        square = subject_square(subject_image, subject_mask)
+        require_sdxl(cls, model, "the RefineNet reads its size/pooled vector")
+        require_vae_of(cls, vae, model)
+        with named(cls):
+            check_refinenet_fits(cls, net, model_sites(model, cls))
+            crops = subject_crops(cls, subject_image, subject_mask)
+        square = torch.cat([zoom.resize_bilinear_aa(zoom.clip_square(c), zoom.CLIP_SIZE) for c in crops])
         _, last = encode_subject(clip_vision, square)
         width = net.projector.in_features
         if last.shape[-1] != width:
-            raise ValueError(clip_width_error(last.shape[-1], width))
-        latent = subject_latent(vae, model.get_model_object("latent_format"), square, subject_resolution)
+            raise clip_width_refusal(cls, last.shape[-1], width)
+        refine_in = [zoom.refine_square(c, subject_resolution) for c in crops]
+        latent = subject_latent(vae, model.get_model_object("latent_format"), refine_in, subject_resolution)
         mm.load_model_gpu(refinenet.patcher)
         dev = refinenet.patcher.load_device
         context = net.projector(last.to(dev, net.dtype)).to(mm.intermediate_device())
-        patch = RefinePatch(refinenet, latent.cpu(), context, empty_prompt_pooled(clip),
+        patch = RefinePatch(refinenet, latent.cpu(), context, empty_prompt_pooled(cls, clip),
                             sigma_range(model, start_percent, end_percent), seed)
         return io.NodeOutput(patch.attach(model))
 
 
-def check_refinenet_fits(net, sites: dict) -> None:
+def check_refinenet_fits(node, net, sites: dict) -> None:
     """Every decoder self-attention of the RefineNet must exist in the model (``sites``: :func:`model_sites`) with
     its width, and the other way round."""
     own = transformer_sites(net)
     for site in net.sites:
         ours = own[site].attn1.to_q.out_features
         if site not in sites or sites[site][0] != ours:
-            raise ValueError(f"the RefineNet does not fit this model: decoder self-attention {site} is "
-                             f"{'absent' if site not in sites else f'{sites[site][0]} wide'} in the model, "
-                             f"{ours} wide in the RefineNet")
+            raise refuse(node, f"a MODEL whose decoder self-attention {site} is {ours} wide (the RefineNet's)",
+                         "none there" if site not in sites else f"{sites[site][0]} wide",
+                         "Connect the MODEL from Load LAR-Gen and the RefineNet trained for it.")
     missing = [s for s in sites if s[0] == "output" and s not in net.sites]
     if missing:
-        raise ValueError(f"the RefineNet lacks the model's decoder self-attention sites {missing[:4]}")
+        raise refuse(node, "a RefineNet with every decoder self-attention of the model",
+                     f"one without {missing[:4]}", "Use the RefineNet trained for this model.")
 
 
-def empty_prompt_pooled(clip) -> torch.Tensor:
+def empty_prompt_pooled(node, clip) -> torch.Tensor:
     """[1, 1280]: SDXL CLIP's pooled vector of an empty prompt, or zeros (SGM's dropped-text value) without one."""
     if clip is None:
         return torch.zeros(1, SDXL_POOLED)
     _, pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
     if pooled is None or pooled.shape[-1] != SDXL_POOLED:
-        raise ValueError(f"clip must be SDXL's (pooled width {SDXL_POOLED}); got "
-                         f"{None if pooled is None else pooled.shape[-1]}")
+        raise refuse(node, f"SDXL's CLIP (pooled width {SDXL_POOLED})",
+                     f"a CLIP with pooled width {None if pooled is None else pooled.shape[-1]}",
+                     "Connect the SDXL CLIP, or leave clip unconnected.")
     return pooled[:1].float().cpu()
 
 
-class CropToMask(io.ComfyNode):
+class CropToMask(Checked, io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -583,12 +658,18 @@ class CropToMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, mask, context_factor, resolution, padding=zoom.Padding.EDGE):
-        img, m = image_and_mask(image, mask)
-        crops, masks, info = zoom.crop_to_mask(img, m, context_factor, resolution, padding)
+        cls.check_inputs(context_factor=context_factor, resolution=resolution, padding=padding)
+        with named(cls):
+            img, m = image_and_mask(image, mask)
+            empty = [i for i in range(m.shape[0]) if not (m[i] > 0).any()]
+            if empty:
+                raise refuse(cls, "a mask that marks the area to inpaint (1 = inpaint)",
+                             f"an empty mask (batch item {empty[0]})", "Paint the area to inpaint.")
+            crops, masks, info = zoom.crop_to_mask(img, m, context_factor, resolution, padding)
         return io.NodeOutput(bchw_to_image(crops), b1hw_to_mask(masks), info)
 
 
-class PasteBack(io.ComfyNode):
+class PasteBack(Checked, io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -609,10 +690,12 @@ class PasteBack(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, inpainted, crop_info, feather):
-        img = image_to_bchw(image)
-        if img.shape[0] == 1:                        # one image for every crop
-            img = row_batch(img, len(crop_info.boxes), "image")
-        out = zoom.paste_back(img, image_to_bchw(inpainted, "inpainted"), crop_info, feather)
+        cls.check_inputs(feather=feather)
+        with named(cls):
+            img = image_to_bchw(image)
+            if img.shape[0] == 1:                        # one image for every crop
+                img = row_batch(img, len(crop_info.boxes), "image")
+            out = zoom.paste_back(img, image_to_bchw(inpainted, "inpainted"), crop_info, feather)
         return io.NodeOutput(bchw_to_image(out))
 
 

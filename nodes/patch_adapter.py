@@ -32,7 +32,8 @@ import comfy.model_management as mm
 from ..models import patch_adapter as pa
 from ..models.layers import with_reference_tokens
 from ..models.sites import latent_grid, site_name, site_of
-from ..models.weights import build_from_state_dict, load_weights, safetensors_metadata, tensor_dict
+from ..models.weights import (CheckpointFormatError, build_from_state_dict, load_weights, safetensors_metadata,
+                              tensor_dict)
 from . import comfy_compat as compat
 from . import patch_refine
 from .branch_unet import transformer_sites
@@ -42,8 +43,12 @@ from .comfy_compat import io
 from .layout import (b1hw_to_mask, bchw_to_image, image_and_mask, image_copy, image_to_bchw, image_view_bchw,
                      mask_to_b1hw, mask_view_b1hw, match_image_mask, row_batch)
 from .patching import ModelPatch, StepNoise, add_site_replaces, bound_attention, once_per_run, sigma_range
+from .widget_checks import (Checked, model_family, named, refuse, require_rows, require_size, require_unet,
+                            require_vae_of)
 
 log = logging.getLogger(__name__)
+# Display names, for refusals raised while sampling (where the patch, not the node class, is at hand).
+DUAL_NODE, REFINE_NODE = "Apply Patch-Adapter Dual Context", "High-Res Patch Refine (Patch-Adapter)"
 CATEGORY = "inpaint/consistent/Patch-Adapter"
 PatchAdapterType = io.Custom("PATCH_ADAPTER")
 PATCH_ID = "consistent_inpaint_patch"          # transformer_options entry: indices of the patches in this call
@@ -79,11 +84,10 @@ def load_patch_adapter(path: str, dtype_choice: str) -> PatchAdapter:
                         weights.base, path)
 
 
-def check_fits(adapter: PatchAdapter, model, stage: str) -> None:
+def check_fits(node, adapter: PatchAdapter, model, stage: str) -> None:
     """Every site of ``stage`` must exist in the model with the same widths (an SDXL adapter on SD1.5 fails here)."""
+    require_unet(node, model, "SD1.5 / SDXL")
     unet = model.get_model_object("diffusion_model")
-    if not hasattr(unet, "input_blocks"):
-        raise ValueError("Patch-Adapter works on SD1.5 / SDXL UNet models; this MODEL has no UNet blocks")
     sites = transformer_sites(unet)
     attn = "attn2" if stage == "dca" else "attn1"
     for site, (c, d) in getattr(adapter, stage).items():
@@ -93,8 +97,9 @@ def check_fits(adapter: PatchAdapter, model, stage: str) -> None:
         if have != (c, d):
             base = f" (the file says it is for {adapter.base})" if adapter.base else ""
             found = "absent" if have is None else f"{have[0]} channels / {have[1]} wide"
-            raise ValueError(f"the Patch-Adapter does not fit this model{base}: {attn} at {site} is {found} in the "
-                             f"model, {c} channels / {d} wide in the adapter")
+            raise refuse(node, f"a MODEL the Patch-Adapter fits: {attn} at {site} {c} channels / {d} wide",
+                         f"{found} in this {model_family(model)} model; the adapter does not fit this "
+                         f"model{base}", "Connect the model the adapter was trained for.")
 
 
 # -- stage 1: the Dual Context Adapter ------------------------------------------------------------------------
@@ -121,8 +126,9 @@ class DualContextPatch(ModelPatch):
         def build():
             mh, mw = self.hole.shape[-2:]
             if abs((mw / mh) / (shape[-1] / shape[-2]) - 1) > MASK_ASPECT_TOLERANCE + 2 / min(shape[-2:]):
-                raise ValueError(f"the Dual Context mask is {mw}x{mh} but the latent is {shape[-1]}x{shape[-2]} "
-                                 "(another aspect ratio); give the mask of the image being inpainted")
+                raise refuse(DUAL_NODE, f"the mask of the image being sampled (the latent is {shape[-1]}x{shape[-2]})",
+                             f"a {mw}x{mh} mask (another aspect ratio)", "Give the mask of the image being inpainted.")
+            require_rows(DUAL_NODE, "mask", self.hole.shape[0], rows)
             known = 1 - F.interpolate(self.hole, size=(h, w), mode="area")
             known = row_batch(known.reshape(known.shape[0], h * w, 1), rows, "mask")
             return known.repeat(len(chunks), 1, 1).to(device, dtype)
@@ -138,8 +144,8 @@ class DualContextPatch(ModelPatch):
             return None
         z = extra.pop(self.z_key, None)
         if z is None:
-            raise RuntimeError(f"Dual Context Adapter: the layer input of {site} did not reach its attention "
-                               "replace (ComfyUI's attn2_patch/extra_options contract changed?)")
+            raise refuse(DUAL_NODE, f"the layer input of {site} to reach its attention replace",
+                         "none (ComfyUI's attn2_patch/extra_options contract changed?)")
         chunks, rows = self.chunks_rows(q.shape[0], extra)
         known = self.known_rows(q.shape[1], extra["original_shape"], chunks, rows, q.device, z.dtype)
         mods = self.adapter.modules("dca", site)
@@ -169,7 +175,8 @@ def _reference_concat(keys, latent: torch.Tensor) -> torch.Tensor:
     """The inpaint inputs of a fully known reference: mask 0, masked image = the reference latent."""
     unknown = [k for k in keys if k not in _REFERENCE_CONCAT]
     if unknown:
-        raise ValueError(f"reference attention does not know the model's concat input {unknown[0]!r}")
+        raise refuse(REFINE_NODE, f"a model whose concat inputs are among {sorted(_REFERENCE_CONCAT)}",
+                     f"one with {unknown[0]!r}", "Use an SD1.5 / SDXL (inpainting) model.")
     return torch.cat([_REFERENCE_CONCAT[k](latent) for k in keys], dim=1)
 
 
@@ -204,8 +211,8 @@ class ReferencePatch(ModelPatch):
     def apply_model(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         chunks, rows = self.chunks_rows(x.shape[0], transformer_options)
         if rows != self.latent.shape[0]:
-            raise RuntimeError(f"reference attention: {x.shape[0]} rows in the model call for "
-                               f"{self.latent.shape[0]} patches")
+            raise refuse(REFINE_NODE, f"{self.latent.shape[0]} rows per model call (one per patch)",
+                         f"{x.shape[0]} rows in {len(chunks)} cond chunks")
         noisy, concat = self.reference_input(executor.class_obj, x, t, c_concat, chunks)
         tokens = {}
         executor(noisy, t, concat, c_crossattn, None, {**transformer_options, self.key: ("record", tokens)}, **kwargs)
@@ -257,7 +264,7 @@ def reference_attacher(adapter: PatchAdapter | None):
 
 
 # -- nodes ------------------------------------------------------------------------------------------------
-class PatchAdapterLoader(io.ComfyNode):
+class PatchAdapterLoader(Checked, io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -277,15 +284,20 @@ class PatchAdapterLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter, dtype=Precision.AUTO):
-        return io.NodeOutput(load_patch_adapter(model_path("patch_adapter", adapter), dtype))
+        cls.check_inputs(adapter=adapter, dtype=dtype)
+        try:
+            return io.NodeOutput(load_patch_adapter(model_path("patch_adapter", adapter), dtype))
+        except CheckpointFormatError as e:
+            raise refuse(cls, "a Patch-Adapter file (dca.* / rpa.* tensors, docs/patch_adapter_format.md)", str(e),
+                         "Choose a file written in the pack's Patch-Adapter format.") from e
 
 
-class ApplyDualContext(PercentRangeNode):
+class ApplyDualContext(Checked, PercentRangeNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="ConsistentInpaintApplyDualContext",
-            display_name="Apply Patch-Adapter Dual Context",
+            display_name=DUAL_NODE,
             category=CATEGORY,
             description="Stage 1 (~1K): every adapted cross-attention also reads the known region against the "
                         "prompt and adds strength · Attn(Q, Z'W_k, Z'W_v), Z' = Attn([z⊙(1−M)]W_q, K, V).",
@@ -302,28 +314,32 @@ class ApplyDualContext(PercentRangeNode):
 
     @classmethod
     def execute(cls, model, patch_adapter, mask, strength, start_percent=0.0, end_percent=1.0):
+        cls.check_inputs(strength=strength, start_percent=start_percent, end_percent=end_percent)
         if not patch_adapter.dca:
-            raise ValueError(f"{patch_adapter.name} holds no Dual Context Adapter (dca.*) weights; it is for stage 2 "
-                             "(High-Res Patch Refine) only")
-        check_fits(patch_adapter, model, "dca")
-        hole = mask_to_b1hw(mask)
+            raise refuse(cls, "a Patch-Adapter with Dual Context Adapter (dca.*) weights",
+                         f"{patch_adapter.name}, which holds only Reference Patch Adapter weights",
+                         "Use it with High-Res Patch Refine (stage 2), or load a file with dca.* weights.")
+        check_fits(cls, patch_adapter, model, "dca")
+        with named(cls):
+            hole = mask_to_b1hw(mask)
         if not (hole > 0).any():
-            raise ValueError("mask is empty: there is no hole to inpaint (1 = inpaint)")
+            raise refuse(cls, "a mask with a hole to inpaint (1 = inpaint)", "an empty mask",
+                         "Paint the hole; without one there is nothing to inpaint.")
         if bool((hole >= 1).all()):
-            raise ValueError("mask covers the whole image: the Dual Context Adapter reads the known region, "
-                             "and there is none")
+            raise refuse(cls, "a mask that leaves part of the image known", "a mask that covers the whole image",
+                         "The Dual Context Adapter reads the known region; leave it out for a full repaint.")
         if strength == 0:
             return io.NodeOutput(model)
         patch = DualContextPatch(patch_adapter, hole.cpu(), strength, sigma_range(model, start_percent, end_percent))
         return io.NodeOutput(patch.attach(model))
 
 
-class HighResPatchRefine(io.ComfyNode):
+class HighResPatchRefine(Checked, io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="ConsistentInpaintHighResPatchRefine",
-            display_name="High-Res Patch Refine (Patch-Adapter)",
+            display_name=REFINE_NODE,
             category=CATEGORY,
             description="Stage 2: refines the hole of a full-resolution image (4K and beyond) patch by patch, each "
                         "patch attending to its region of the stage-1 result. Only patches the mask needs are "
@@ -361,33 +377,49 @@ class HighResPatchRefine(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, patch_size=1024, overlap=128, **kwargs):
-        if overlap >= patch_size:
-            return f"overlap ({overlap}) must be smaller than patch_size ({patch_size})"
-        return True
+    def more_problems(cls, values):
+        patch_size, overlap = values.get("patch_size"), values.get("overlap")
+        if patch_size is not None and overlap is not None and overlap >= patch_size:
+            return refuse(cls, f"overlap smaller than patch_size ({patch_size})", f"overlap {overlap}",
+                          f"overlap ({overlap}) must be smaller than patch_size ({patch_size}).")
+        return None
 
     @classmethod
     @torch.no_grad()
     def execute(cls, model, vae, positive, negative, image, mask, reference, seed, steps, cfg, sampler_name,
                 scheduler, denoise, patch_size, overlap, patch_adapter=None, patch_batch=1, reference_context=1.5):
+        cls.check_inputs(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+                         denoise=denoise, patch_size=patch_size, overlap=overlap, patch_batch=patch_batch,
+                         reference_context=reference_context)
+        check_refine_inputs(cls, model, vae, patch_adapter, reference)
         settings = patch_refine.RefineSettings(seed, steps, cfg, sampler_name, scheduler, denoise, patch_size, overlap,
                                                patch_batch, reference_context)
-        # 4K+ images: no image-sized copies beyond the output itself (views for reading, crops per patch).
-        img, m = match_image_mask(image_view_bchw(image), mask_view_b1hw(mask))     # views, expanded not copied
-        if patch_adapter is not None:
-            if patch_adapter.rpa:
-                check_fits(patch_adapter, model, "rpa")
-            else:
-                log.info("%s has no Reference Patch Adapter weights; patches extend their self-attention with the "
-                         "reference tokens instead", patch_adapter.name)
-        job = patch_refine.RefineJob(model, vae, positive, negative, settings, reference_attacher(patch_adapter))
-        out = image_copy(img)
-        plans = patch_refine.refine(job, img, m, image_to_bchw(reference, "reference"), out)
+        with named(cls):
+            # 4K+ images: no image-sized copies beyond the output itself (views for reading, crops per patch).
+            img, m = match_image_mask(image_view_bchw(image), mask_view_b1hw(mask))     # views, expanded not copied
+            ref = image_to_bchw(reference, "reference")
+            job = patch_refine.RefineJob(model, vae, positive, negative, settings, reference_attacher(patch_adapter))
+            out = image_copy(img)
+            plans = patch_refine.refine(job, img, m, ref, out)
         grid = torch.stack([patch_refine.patch_grid_preview(img[i], m[i], plans[i]) for i in range(img.shape[0])])
         return io.NodeOutput(out, bchw_to_image(grid))
 
 
-class DownscaleForStage1(io.ComfyNode):
+def check_refine_inputs(node, model, vae, patch_adapter, reference) -> None:
+    """Before any work: a UNet model (the reference attention's route), the VAE of its family, an adapter that
+    fits, a reference of at least one latent cell."""
+    require_unet(node, model, "SD1.5 / SDXL")
+    require_vae_of(node, vae, model)
+    require_size(node, "reference", reference, patch_refine.latent_factor(vae))
+    if patch_adapter is not None:
+        if patch_adapter.rpa:
+            check_fits(node, patch_adapter, model, "rpa")
+        else:
+            log.info("%s has no Reference Patch Adapter weights; patches extend their self-attention with the "
+                     "reference tokens instead", patch_adapter.name)
+
+
+class DownscaleForStage1(Checked, io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -410,7 +442,9 @@ class DownscaleForStage1(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, mask, megapixels, multiple_of=8):
-        img, m = image_and_mask(image, mask)
+        cls.check_inputs(megapixels=megapixels, multiple_of=multiple_of)
+        with named(cls):
+            img, m = image_and_mask(image, mask)
         H, W = img.shape[-2:]
         scale = math.sqrt(megapixels * MEGAPIXEL / (H * W))
         h = max(multiple_of, round(H * scale / multiple_of) * multiple_of)

@@ -271,13 +271,16 @@ def test_batch_of_two_with_one_subject_each(comfy, run_prompt, graph, largen_fil
 
 
 @pytest.mark.parametrize("case,match", [
-    ("subject_batch", "subject_image has a batch of 3 but the latent batch is 2"),
-    ("clip_width", "gives 96-wide features .* but LAR-Gen needs 128"),
-    ("plain_sdxl", "SDXL inpainting UNet without LAR-Gen's subject projections"),
-    ("sd15_resampler", "768-wide subject tokens .an SD1.5 IP-Adapter-Plus."),
-    ("empty_attn_mask", "attn_mask is empty"),
-    ("no_refinenet", "holds no RefineNet"),
-    ("start_end", "start_percent"),
+    ("subject_batch", r"Apply LAR-Gen Subject Attention: expected one subject image, or one per latent of the "
+                      r"batch \(2\); got 3 subject images"),
+    ("clip_width", r"expected a CLIP vision model with 128-wide features .*; got one with 96-wide features"),
+    ("plain_sdxl", r"Load LAR-Gen: expected a LAR-Gen checkpoint.*SDXL inpainting UNet without LAR-Gen's subject "
+                   r"projections"),
+    ("sd15_resampler", r"Load LAR-Gen: expected .*768-wide subject tokens .an SD1.5 IP-Adapter-Plus."),
+    ("empty_attn_mask", r"expected an attn_mask that marks where the subject acts; got an empty attn_mask"),
+    ("no_refinenet", r"Load LAR-Gen RefineNet: expected a LAR-Gen RefineNet .*holds no RefineNet"),
+    ("start_end", r"Apply LAR-Gen Subject Attention: expected start_percent <= end_percent; got start_percent 0.6 "
+                  r"after end_percent 0.5"),
 ])
 def test_bad_inputs_give_clear_errors(comfy, run_prompt, graph, largen_files, clip_vision_node, vae_name, case, match):
     kw = {}

@@ -181,10 +181,15 @@ def test_dual_context_on_sdxl_inpaint(comfy, run_prompt, graph, files, calls, ti
 
 
 @pytest.mark.parametrize("adapter, model, pattern", [
-    ("pa_sdxl.safetensors", None, r"does not fit this model \(the file says it is for sdxl\)"),
-    ("pa_sd15.safetensors", "sdxl", r"does not fit this model \(the file says it is for sd15\)"),
-    ("pa_sd15_rpa_only.safetensors", None, r"holds no Dual Context Adapter"),
-    ("foreign.safetensors", None, r"not a Patch-Adapter file.*blocks\.0\.weight"),
+    ("pa_sdxl.safetensors", None, r"Apply Patch-Adapter Dual Context: expected a MODEL the Patch-Adapter fits: .*"
+                                  r"in this SD1.5 model; the adapter does not fit this model \(the file says it is for "
+                                  r"sdxl\)"),
+    ("pa_sd15.safetensors", "sdxl", r"expected a MODEL the Patch-Adapter fits: .*in this SDXL model; the adapter "
+                                    r"does not fit this model \(the file says it is for sd15\)"),
+    ("pa_sd15_rpa_only.safetensors", None, r"Apply Patch-Adapter Dual Context: expected a Patch-Adapter with Dual "
+                                           r"Context Adapter \(dca.\*\) weights; got .*only Reference Patch Adapter"),
+    ("foreign.safetensors", None, r"Load Patch-Adapter: expected a Patch-Adapter file .*; got .*not a Patch-Adapter "
+                                  r"file.*blocks\.0\.weight"),
 ])
 def test_wrong_adapter_is_refused(comfy, run_prompt, graph, files, tiny_sdxl_inpaint, adapter, model, pattern):
     _stage1(graph, files, adapter=adapter, sdxl=tiny_sdxl_inpaint if model else None, size=64, rect=(8, 8, 16, 16))
@@ -193,7 +198,9 @@ def test_wrong_adapter_is_refused(comfy, run_prompt, graph, files, tiny_sdxl_inp
 
 
 def test_empty_or_full_mask_is_refused_by_dual_context(comfy, run_prompt, files):
-    for rect, pattern in (((0, 0, 0, 0), "mask is empty"), ((0, 0, 128, 128), "covers the whole image")):
+    for rect, pattern in (((0, 0, 0, 0), r"Dual Context: expected a mask with a hole to inpaint .*; got an empty mask"),
+                          ((0, 0, 128, 128), r"Dual Context: expected a mask that leaves part of the image known; got "
+                                             r"a mask that covers the whole image")):
         g = comfy.graph()
         _stage1(g, files, rect=rect)
         with pytest.raises(Exception, match=pattern):
@@ -331,10 +338,13 @@ def test_patches_share_a_batch(comfy, run_prompt, graph, files, calls):
 
 
 @pytest.mark.parametrize("kw, pattern", [
-    (dict(ref=(512, 256)), r"reference is 512x256 .* but the image is 2048x2048"),
-    (dict(patch=500), r"patch_size 500 is not a multiple of the VAE's latent factor 8"),
-    (dict(overlap=256), r"overlap \(256\) must be smaller than patch_size \(256\)"),
-    (dict(overlap=60), r"overlap 60 is not a multiple"),
+    (dict(ref=(512, 256)), r"High-Res Patch Refine \(Patch-Adapter\): reference is 512x256 .* but the image is "
+                           r"2048x2048"),
+    (dict(patch=500), r"High-Res Patch Refine \(Patch-Adapter\): patch_size 500 is not a multiple of the VAE's "
+                      r"latent factor 8"),
+    (dict(overlap=256), r"High-Res Patch Refine \(Patch-Adapter\): expected overlap smaller than patch_size \(256\); "
+                        r"got overlap 256"),
+    (dict(overlap=60), r"High-Res Patch Refine \(Patch-Adapter\): overlap 60 is not a multiple"),
 ])
 def test_bad_stage2_inputs(comfy, run_prompt, graph, files, kw, pattern):
     _stage2(graph, files, (900, 1000, 200, 150), **kw)

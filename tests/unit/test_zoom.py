@@ -1,6 +1,7 @@
 """Zoom-in crop and paste-back: the square window, and the exactness of the paste-back outside the mask."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models import zoom
 
@@ -102,10 +103,96 @@ def test_prepare_subject_whitens_crops_and_squares():
     img[..., 10:30, 20:60] = 0.25
     out = zoom.prepare_subject(img, m)
     side = out.shape[-1]
-    assert out.shape == (1, 3, side, side) and side == 41         # ceil(40 * 1.02)
-    assert torch.all(out[..., :5, :] == 1)                         # white padding above
-    assert torch.allclose(out[..., 20, 20], torch.full((3,), 0.25))
+    # the authors crop rows 10..28 and columns 20..58 (their last index is a slice end): 19 x 39, then
+    # int(39 * 1.02) = 39, the 19 rows padded 10 above and 10 below
+    assert out.shape == (1, 3, side, side) and side == 39
+    assert torch.all(out[..., :10, :] == 1) and torch.all(out[..., 29:, :] == 1)     # white padding
+    assert torch.all(out[..., 10:29, :] == 0.25)
     whole = zoom.prepare_subject(torch.rand(2, 3, 30, 10), None)
-    assert whole.shape == (2, 3, 31, 31) and torch.all(whole[..., :, :5] == 1)
+    assert whole.shape == (2, 3, 30, 30) and torch.all(whole[..., :, :10] == 1)       # int(30 * 1.02) = 30
     with pytest.raises(ValueError, match="subject mask 0 is empty"):
         zoom.prepare_subject(img, torch.zeros_like(m))
+
+
+# -- the authors' subject preprocessing (scepter largen_ui.data_preprocess_inpaint) -------------------------------
+def _subject(h, w, H=160, W=160, y=5, x=7):
+    """An image with a textured h x w subject at (y, x) and its binary mask."""
+    img = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(h * 1000 + w))
+    m = torch.zeros(1, 1, H, W)
+    m[..., y:y + h, x:x + w] = 1
+    return img, m
+
+
+@pytest.mark.parametrize("h, w, crop, side", [
+    (21, 50, (20, 49), 49),        # int(49 * 1.02) = 49 (rounding up would give 50)
+    (40, 131, (39, 130), 132),     # int(130 * 1.02) = int(132.6) = 132 (rounding up: 133)
+    (101, 51, (100, 50), 102),     # int(100 * 1.02) = 102
+])
+def test_subject_square_sizes_are_the_authors(h, w, crop, side):
+    img, m = _subject(h, w)
+    crops = zoom.subject_crops(img, m)
+    assert tuple(crops[0].shape[-2:]) == crop                       # first .. last mask row/column, last excluded
+    sq = zoom.clip_square(crops[0])
+    assert sq.shape[-2:] == (side, side) == (int(max(crop) * 1.02),) * 2
+    top, left = (side - crop[0]) // 2, (side - crop[1]) // 2        # albumentations PadIfNeeded: centred, floor above
+    assert torch.equal(sq[..., top:top + crop[0], left:left + crop[1]], img[..., 5:5 + crop[0], 7:7 + crop[1]])
+    inner = torch.zeros(side, side, dtype=torch.bool)
+    inner[top:top + crop[0], left:left + crop[1]] = True
+    assert torch.all(sq[..., ~inner] == 1)
+
+
+def test_subject_background_white_from_a_binarised_mask():
+    img, m = _subject(30, 30)
+    m[..., 5 + 3, 7 + 3] = 128 / 255                                # the authors binarise at > 128: background
+    m[..., 5 + 4, 7 + 4] = 129 / 255                                # subject, kept as it is (not blended)
+    crop = zoom.subject_crops(img, m)[0]
+    assert torch.all(crop[..., 3, 3] == 1)
+    assert torch.equal(crop[..., 4, 4], img[..., 9, 11])
+
+
+def test_tiny_subject_masks_and_images():
+    """Fewer than 10 mask pixels: the authors keep the whole frame (whitened); a 1x1 image is a 1x1 square."""
+    img, m = _subject(3, 3, H=12, W=12)                             # 9 pixels
+    crop = zoom.subject_crops(img, m)[0]
+    assert crop.shape[-2:] == (12, 12) and torch.all(crop[..., 0, 0] == 1)
+    assert zoom.clip_square(crop).shape[-1] == int(12 * 1.02) == 12
+    one = zoom.prepare_subject(torch.rand(1, 3, 1, 1), None, size=224)
+    assert one.shape == (1, 3, 224, 224) and torch.isfinite(one).all()
+    assert zoom.refine_square(torch.rand(1, 3, 1, 1), 64).shape == (1, 3, 64, 64)
+    line = torch.zeros(1, 1, 12, 12)
+    line[..., 4, 1:11] = 1                                          # 10 pixels in one row: the authors' slice is empty
+    assert zoom.subject_crops(img, line)[0].shape[-2:] == (1, 9)   # ours keeps that row
+
+
+def test_clip_input_resized_bilinear_antialiased_as_torchvision():
+    """The square to 224 as torchvision's Resize does on a float tensor (>= 0.17: bilinear, antialiased), which
+    matches PIL's bilinear resize of a float image; bicubic (the former choice) is measurably different."""
+    PIL = pytest.importorskip("PIL.Image")
+    import numpy as np
+    for h, w in ((60, 300), (21, 50)):                              # downscale (antialias matters) and upscale
+        img, m = _subject(h, w, H=320, W=320)
+        out = zoom.prepare_subject(img, m, size=224)
+        sq = zoom.clip_square(zoom.subject_crops(img, m)[0])
+        ref = torch.stack([torch.from_numpy(np.array(PIL.fromarray(sq[0, c].numpy(), mode="F")
+                                                       .resize((224, 224), PIL.BILINEAR))) for c in range(3)])
+        assert out.shape == (1, 3, 224, 224)
+        torch.testing.assert_close(out[0], ref.clamp(0, 1), atol=2e-5, rtol=0)
+        bicubic = F.interpolate(sq, size=(224, 224), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        assert (bicubic - out).abs().max() > 1e-2
+
+
+def test_refine_input_is_longest_side_resized_and_padded_white():
+    """The RefineNet's subject: the crop without margin, longer side to the resolution (round, bilinear as cv2's
+    INTER_LINEAR), padded white and centred."""
+    cv2 = pytest.importorskip("cv2")
+    import numpy as np
+    img, m = _subject(20, 40)
+    crop = zoom.subject_crops(img, m)[0]                            # 19 x 39
+    out = zoom.refine_square(crop, 64)
+    h = round(19 * 64 / 39)                                         # 31
+    top = (64 - h) // 2
+    assert out.shape == (1, 3, 64, 64) and h == 31 and top == 16
+    assert torch.all(out[..., :top, :] == 1) and torch.all(out[..., top + h:, :] == 1)
+    ref = cv2.resize(crop[0].permute(1, 2, 0).numpy().astype(np.float32), (64, h), interpolation=cv2.INTER_LINEAR)
+    torch.testing.assert_close(out[0, :, top:top + h], torch.from_numpy(ref).permute(2, 0, 1).clamp(0, 1),
+                               atol=1e-5, rtol=0)
