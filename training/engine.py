@@ -49,6 +49,7 @@ def accelerator_for(mixed_precision: str, accumulation: int, project_dir: str | 
     if AcceleratorState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+    refuse_fsdp_without_gpus()
     kwargs = {}
     if tracker and project_dir:
         logs = str(Path(project_dir) / "logs")
@@ -57,6 +58,19 @@ def accelerator_for(mixed_precision: str, accumulation: int, project_dir: str | 
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
                        gradient_accumulation_steps=accumulation, step_scheduler_with_optimizer=False,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)], **kwargs)
+
+
+def refuse_fsdp_without_gpus() -> None:
+    """A clear error for an FSDP launch (training/accelerate/fsdp.yaml) on a machine without CUDA. accelerate
+    (1.15) would otherwise either fail with "no available devices" (``fsdp_sync_module_states: true``, in
+    ``FullyShardedDataParallelPlugin.__post_init__``) or silently train plain DDP over gloo (``AcceleratorState``
+    switches to FSDP only for GPU-like distributed types, never for ``MULTI_CPU``), replicating what the user asked
+    to shard."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
+        raise ValueError("FSDP was asked for (accelerate launch with an FSDP config such as "
+                         "training/accelerate/fsdp.yaml) on a machine without CUDA GPUs: accelerate runs CPU processes "
+                         "as DDP over gloo only. Launch FSDP on GPUs, or launch without the FSDP config "
+                         "(--multi_gpu --num_processes N) for DDP")
 
 
 class _Objective(nn.Module):

@@ -16,9 +16,9 @@ from training_support import loss_rows as _rows, mixed_precision_losses, pack as
 
 
 
-@pytest.fixture(scope="module")
-def files(comfy, comfy_models, tmp_path_factory):
-    d = tmp_path_factory.mktemp("asuka_train")
+def input_files(comfy, comfy_models, d: Path) -> dict:
+    """Written to ``d``: three images (two with object masks), a small MAE checkpoint and the name and path of a
+    shallow SD1.5-inpainting checkpoint."""
     data = d / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
@@ -33,6 +33,11 @@ def files(comfy, comfy_models, tmp_path_factory):
     torch.save(layouts.mae_checkpoint(dim=192, depth=2, dec_dim=128, dec_depth=8), mae)
     ckpt = comfy_models.sd15_inpaint_checkpoint(levels=1)
     return dict(data=data, mae=mae, ckpt=comfy.folder_paths.get_full_path("checkpoints", ckpt), ckpt_name=ckpt)
+
+
+@pytest.fixture(scope="module")
+def files(comfy, comfy_models, tmp_path_factory):
+    return input_files(comfy, comfy_models, tmp_path_factory.mktemp("asuka_train"))
 
 
 @pytest.fixture(scope="module")

@@ -3,17 +3,41 @@ launcher (``accelerate launch --multi_gpu --num_processes 2``, gloo) on a shallo
 
 - 2 processes × batch 1 train the same weights as 1 process × batch 2 and as 1 process × batch 1 × 2 accumulation
   steps (tolerance below, from the float32 noise of batching measured in the test itself);
-- a run stopped by SIGTERM saves and exits cleanly; resumed on the same and on another process count it continues
-  the data stream with no sample seen twice and none skipped (sample keys logged by the test's data);
+- a run pre-empted (SIGUSR1 to the main process, SIGTERM to the other) saves and exits cleanly; resumed on the same
+  and on another process count it continues the data stream with no sample seen twice and none skipped (sample keys
+  logged by the test's data);
 - WebDataset shards (BrushData's tar layout, written here) split over processes without overlap, a malformed sample
   is skipped and counted, a pattern that matches nothing is an error at start;
 - only the main process writes files, every written file is mode 0644, and the trained file loads in Load Inpaint
   Branch in a real ComfyUI graph;
 - training/accelerate/multi_node.yaml runs as two "machines" (two launchers on this host, one process each);
 - ASUKA's MAE fine-tune runs on 2 processes with gradient accumulation (another method through the same engine);
-- ``python train.py --help`` prints every method's options and exits 0.
+- every other trainer (ASUKA alignment and decoder, LAR-Gen, Patch-Adapter DCA and RPA) runs two steps on 2
+  processes;
+- ``python train.py --help`` prints every method's options and exits 0;
+- training/accelerate/fsdp.yaml on this machine is refused with the reason below.
 
-FSDP is not tested here: accelerate's FSDP needs GPUs (its CPU processes are always plain DDP over gloo).
+FSDP (and DeepSpeed ZeRO) cannot be compared with DDP here, because accelerate (1.15, the installed engine) never
+shards on the CPU; torch itself could (FSDP2's ``fully_shard`` trains over gloo on CPU tensors), but only through
+code of our own that a GPU user's ``fsdp.yaml`` run would not execute, so such a test would prove nothing about the
+shipped path:
+
+- ``accelerate/state.py``, ``PartialState._prepare_backend``: a process without CUDA (the engine passes
+  ``cpu=True``) gets ``DistributedType.MULTI_CPU`` over gloo, and ``AcceleratorState.__init__`` sets
+  ``DistributedType.FSDP`` only inside ``elif self.distributed_type in [MULTI_GPU, MULTI_MLU, MULTI_SDAA,
+  MULTI_MUSA, MULTI_NPU, MULTI_XPU, MULTI_HPU, MULTI_NEURON]``, so ``ACCELERATE_USE_FSDP=true`` (what the launcher
+  sets from ``distributed_type: FSDP``) is ignored and ``prepare`` wraps the model in plain
+  ``DistributedDataParallel``, with ``fsdp_version`` 1 and 2 alike (measured: ``fsdp_sync_module_states: false``
+  launches print ``MULTI_CPU DistributedDataParallel``);
+- with ``fsdp_sync_module_states: true`` (fsdp.yaml) it does not get that far: ``FullyShardedDataParallelPlugin.
+  __post_init__`` (``accelerate/utils/dataclasses.py``) raises ``RuntimeError: There are currently no available
+  devices found, must be one of 'XPU', 'CUDA', 'MLU', 'NPU', 'MUSA', or 'HPU'.``;
+- DeepSpeed: ``AcceleratorState`` takes ``DistributedType.DEEPSPEED`` only ``if ACCELERATE_USE_DEEPSPEED ... and
+  not cpu``; with ``cpu=False`` and no device ``_prepare_backend`` finds no backend and ``PartialState`` sets
+  ``num_processes = 1`` on every process (and deepspeed is not installed).
+
+So the engine refuses an FSDP launch without CUDA (training/engine.py ``refuse_fsdp_without_gpus``) rather than
+let it train DDP while the user believes the weights are sharded; the FSDP comparison with DDP needs a GPU machine.
 """
 import io
 import json
@@ -134,17 +158,13 @@ def _keys_log(env_dir: Path) -> dict:
     return out
 
 
-def test_sigterm_saves_and_resumes_on_the_same_and_another_process_count(comfy, base_ckpt, data_dir, tmp_path):
-    """A 2-process run is sent SIGTERM once it has passed step 2: it saves the step it is at and exits 0. Resumed on
-    2 processes, then on 1: the steps continue, and every optimiser step's samples (keys) are exactly those of an
-    uninterrupted run: no sample twice within an epoch, none skipped."""
-    out = tmp_path / "run"
-    cfg = _config(tmp_path / "c.toml", base_ckpt, out, data=str(data_dir), batch_size=2, steps=40)
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    env = _env(comfy, {"CONSISTENT_INPAINT_KEY_LOG": str(keys)})
-    p = subprocess.Popen([*_cmd(2, 29631), "painternet", "--config", str(cfg)], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, cwd=str(ROOT))
+def _interrupt(comfy, cfg: Path, out: Path, port: int, env=None) -> int:
+    """A 2-process run of ``cfg``, once it has logged step 2, sent a cluster's pre-emption notices: SIGUSR1 to the
+    main process (rank 0), SIGTERM to the other. Either signal alone would kill a process that did not handle it
+    (and the launcher would fail); handled, every process stops at the same step, saves it and exits 0, the main
+    process's signal logged once. -> the step it stopped at."""
+    p = subprocess.Popen([*_cmd(2, port), "painternet", "--config", str(cfg)], env=_env(comfy, env),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT))
     deadline = time.time() + 600
     while time.time() < deadline:
         rows = (out / "loss.csv").read_text().splitlines() if (out / "loss.csv").exists() else []
@@ -152,17 +172,31 @@ def test_sigterm_saves_and_resumes_on_the_same_and_another_process_count(comfy, 
             break
         time.sleep(0.5)
         assert p.poll() is None, p.stdout.read()[-4000:]
-    workers = [c for c in psutil.Process(p.pid).children(recursive=True) if "train.py" in " ".join(c.cmdline())
-               and "accelerate" not in " ".join(c.cmdline())]
-    assert len(workers) == 2, [c.cmdline() for c in workers]
-    for w in workers:                      # pre-emption: every training process gets SIGTERM
-        w.send_signal(signal.SIGTERM)
+    workers = {int(c.environ()["RANK"]): c for c in psutil.Process(p.pid).children(recursive=True)
+               if "train.py" in " ".join(c.cmdline()) and "accelerate" not in " ".join(c.cmdline())}
+    assert sorted(workers) == [0, 1], workers
+    workers[0].send_signal(signal.SIGUSR1)
+    workers[1].send_signal(signal.SIGTERM)
     text = p.communicate(timeout=300)[0]
     assert p.returncode == 0, text[-4000:]    # the processes saved and exited cleanly, so the launcher too
-    assert text.count("SIGTERM received") == 1          # logged by the main process
+    assert text.count("SIGUSR1 received") == 1 and "SIGTERM received" not in text     # logged by the main process
     stopped = torch.load(out / "state.pt", weights_only=True)["step"]
     assert 2 <= stopped < 40
     assert [int(r["step"]) for r in loss_rows(out)] == list(range(1, stopped + 1))
+    return stopped
+
+
+def test_sigusr1_and_sigterm_save_and_resume_on_the_same_and_another_process_count(comfy, base_ckpt, data_dir,
+                                                                                    tmp_path):
+    """A 2-process run is pre-empted (SIGUSR1 and SIGTERM, :func:`_interrupt`) once it has passed step 2: it saves
+    the step it is at and exits 0. Resumed on 2 processes, then on 1: the steps continue, and every optimiser step's
+    samples (keys) are exactly those of an uninterrupted run: no sample twice within an epoch, none skipped."""
+    out = tmp_path / "run"
+    cfg = _config(tmp_path / "c.toml", base_ckpt, out, data=str(data_dir), batch_size=2, steps=40)
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    stopped = _interrupt(comfy, cfg, out, 29631, {"CONSISTENT_INPAINT_KEY_LOG": str(keys)})
+    assert torch.load(out / "state.pt", weights_only=True)["processes"] == 2
 
     _config(tmp_path / "c.toml", base_ckpt, out, data=str(data_dir), batch_size=2, steps=stopped + 2)
     _train(comfy, 2, tmp_path / "c.toml", env={"CONSISTENT_INPAINT_KEY_LOG": str(keys)}, port=29632)
@@ -342,3 +376,103 @@ def test_asuka_mae_trains_on_two_processes_with_accumulation(comfy, data_dir, tm
     from training_support import pack
     mae_model = pack(comfy, "models.asuka").load_mae(str(out / "mae.safetensors"), torch.float32)
     assert torch.load(out / "state.pt", weights_only=True)["processes"] == 2 and mae_model is not None
+
+
+# -- every trainer under the launcher ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def objects_dir(tmp_path_factory):
+    """Four images whose object masks are all non-empty (LAR-Gen refuses an image without its object)."""
+    return write_data(tmp_path_factory.mktemp("objects"), PROMPTS[:4], box=lambda i: (16, 44, 8 + 8 * i, 60))
+
+
+@pytest.fixture(scope="module")
+def asuka_files(comfy, comfy_models, tmp_path_factory):
+    import test_training_asuka
+    return test_training_asuka.input_files(comfy, comfy_models, tmp_path_factory.mktemp("asuka_files"))
+
+
+@pytest.fixture(scope="module")
+def largen_files(comfy, comfy_models, tmp_path_factory):
+    import test_training_largen
+    return test_training_largen.input_files(comfy, comfy_models, tmp_path_factory.mktemp("largen_files"))
+
+
+@pytest.fixture(scope="module")
+def patch_adapter_ckpt(comfy, comfy_models):
+    name = comfy_models.sd15_inpaint_checkpoint(levels=2, skip_top_attention=True)
+    return comfy.folder_paths.get_full_path("checkpoints", name)
+
+
+def _asuka_run(request, method):
+    f = request.getfixturevalue("asuka_files")
+    keys = dict(base=f["ckpt"], mae=str(f["mae"])) if method == "asuka_alignment" else dict(base=f["ckpt"])
+    return ROOT / "train.py", [method], dict(keys, resolution=64)
+
+
+def _largen_run(request):
+    f = {k: str(v) for k, v in request.getfixturevalue("largen_files").items() if k != "objects"}
+    keys = dict({k: f[k] for k in ("base", "image_proj", "clip", "vae", "clip_vision")}, resolution=64)
+    # the small encoders' architectures: test_training_largen's __main__ is train.py's main with them (its docstring)
+    return ROOT / "tests" / "integration" / "test_training_largen.py", ["largen", "--stage", "1"], keys
+
+
+def _patch_adapter_run(request, stage):
+    keys = dict(base=request.getfixturevalue("patch_adapter_ckpt"), resolution=64)
+    if stage == "rpa":
+        keys.update(full_resolution=128, patch_size=64)
+    return ROOT / "train.py", ["patch_adapter", "--stage", stage], keys
+
+
+# trainer -> (how to run it, the file it writes); painternet and asuka_mae run on 2 processes in the tests above
+LAUNCHED = {
+    "asuka_alignment": (lambda r: _asuka_run(r, "asuka_alignment"), "alignment.safetensors"),
+    "asuka_decoder": (lambda r: _asuka_run(r, "asuka_decoder"), "harmonizing_decoder.safetensors"),
+    "largen": (_largen_run, "largen_stage1.safetensors"),
+    "patch_adapter_dca": (lambda r: _patch_adapter_run(r, "dca"), "patch_adapter.safetensors"),
+    "patch_adapter_rpa": (lambda r: _patch_adapter_run(r, "rpa"), "patch_adapter.safetensors"),
+}
+
+
+@pytest.mark.parametrize("trainer", list(LAUNCHED))
+def test_every_trainer_runs_two_steps_on_two_processes(comfy, request, objects_dir, tmp_path, trainer):
+    """Each remaining trainer through ``accelerate launch --multi_gpu --num_processes 2`` (tiny models, global batch
+    2, two optimiser steps): the processes split the batch, every step is logged once with a finite loss, the state
+    holds both processes' random state and the trained file is written."""
+    how, written = LAUNCHED[trainer]
+    script, args, keys = how(request)
+    out = tmp_path / "run"
+    cfg = tmp_path / f"{trainer}.toml"
+    keys.update(data=str(objects_dir), output=str(out), batch_size=2, steps=2, log_every=1, save_every=100,
+                sample_every=0, tracker="none")
+    cfg.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items()))
+    env = _env(comfy, {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "unit"), str(ROOT / "tests" /
+                                                                                      "integration")])})
+    port = 29681 + list(LAUNCHED).index(trainer)
+    launch = [*_cmd(2, port)[:-1], str(script)]
+    r = subprocess.run([*launch, *args, "--config", str(cfg)], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=str(ROOT))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "global batch 2 = 1 per device × 1 accumulation × 2 processes" in r.stdout + r.stderr
+    rows = loss_rows(out)
+    assert [int(row["step"]) for row in rows] == [1, 2] and all(np.isfinite(float(row["loss"])) for row in rows)
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["step"] == 2 and state["processes"] == 2 and len(state["rng"]) == 2
+    trained = load_file(str(out / written))
+    assert trained and all(torch.isfinite(v).all() for v in trained.values())
+
+
+def test_the_fsdp_config_on_the_cpu_is_refused_with_the_reason(comfy, base_ckpt, data_dir, tmp_path):
+    """training/accelerate/fsdp.yaml through the real launcher on this machine (no CUDA): every process stops at the
+    engine with the reason (accelerate would fail with "no available devices" or silently train DDP), nothing is
+    written, and the launcher exits non-zero."""
+    out = tmp_path / "run"
+    cfg = _config(tmp_path / "f.toml", base_ckpt, out, data=str(data_dir), batch_size=2, steps=1)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "training" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+              "--main_process_port", "29691", str(ROOT / "train.py")]
+    r = subprocess.run([*launch, "painternet", "--config", str(cfg)], env=_env(comfy), capture_output=True, text=True,
+                       timeout=600, cwd=str(ROOT))
+    assert r.returncode != 0
+    assert "FSDP was asked for" in r.stderr and "accelerate runs CPU processes as DDP over gloo" in r.stderr, \
+        r.stderr[-3000:]
+    assert not (out / "state.pt").exists() and not (out / "painternet.safetensors").exists()

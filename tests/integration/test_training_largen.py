@@ -16,6 +16,7 @@ SDXL text encoders / ViT-H, far too slow for the CPU).
 import dataclasses
 import importlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -83,6 +84,8 @@ def small_clip_vision(comfy_path, folder, seed=0, path=None):
 
 def _cli_main(argv):
     """``python train.py largen …`` with the small encoders' architectures (their weights come from the files)."""
+    # the log set up before ComfyUI is imported (which installs its own handler), as train.py does
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     sys.path.insert(0, str(ROOT))
     import train
     train.import_pack()
@@ -104,13 +107,12 @@ def _cli_main(argv):
 clip_vision_node = test_largen_graph.clip_vision_node      # registers CITestClipVision (the graphs' CLIP vision)
 
 
-@pytest.fixture(scope="module")
-def files(comfy, comfy_models, tmp_path_factory):
-    """Every input file of a run: the SDXL-inpainting base UNet, the IP-Adapter-Plus resampler, a LAR-Gen checkpoint
-    (stage 2's main model, carrying its resampler), the text encoders, the CLIP vision model and the VAE."""
+def input_files(comfy, comfy_models, d: Path) -> dict:
+    """Every input file of a run, written to ``d``: the SDXL-inpainting base UNet, the IP-Adapter-Plus resampler, a
+    LAR-Gen checkpoint (stage 2's main model, carrying its resampler), the text encoders, the CLIP vision model and
+    the VAE -> {name: path}, and ``objects``: the text encoders and CLIP vision model the files were written from."""
     import largen_layouts as L
     from safetensors.torch import save_file
-    d = tmp_path_factory.mktemp("largen_train_files")
     res = dict(embedding_dim=CLIP_W)
     save_file(L.largen_checkpoint(drop_ip=99), str(d / "sdxl_inpaint_base.safetensors"))
     save_file(L.largen_checkpoint(in_channels=4, drop_ip=99), str(d / "sdxl_text2img.safetensors"))
@@ -127,13 +129,20 @@ def files(comfy, comfy_models, tmp_path_factory):
     cv = small_clip_vision(comfy.path, d, seed=0)
     save_file({k: v.contiguous() for k, v in cv.model.state_dict().items()}, str(d / "clip_vision_small.safetensors"))
     vae_name = comfy_models.sd15_vae()                # the SDXL VAE has the same architecture
-    vae_path = comfy.folder_paths.get_full_path("vae", vae_name)
-    from comfy.sd import VAE
-    from comfy.utils import load_torch_file
     return dict(dir=d, base=d / "sdxl_inpaint_base.safetensors", text2img=d / "sdxl_text2img.safetensors",
                 image_proj=d / "ip_plus.bin", largen=d / "largen_main.safetensors", clip=d / "clip_small.safetensors",
-                clip_vision=d / "clip_vision_small.safetensors", vae=vae_path,
-                objects=dict(clip=clip, clip_vision=cv, vae=VAE(sd=load_torch_file(vae_path, safe_load=True))))
+                clip_vision=d / "clip_vision_small.safetensors", vae=comfy.folder_paths.get_full_path("vae", vae_name),
+                objects=dict(clip=clip, clip_vision=cv))
+
+
+@pytest.fixture(scope="module")
+def files(comfy, comfy_models, tmp_path_factory):
+    """:func:`input_files`, with the VAE among the ``objects`` the in-process trainers take."""
+    from comfy.sd import VAE
+    from comfy.utils import load_torch_file
+    out = input_files(comfy, comfy_models, tmp_path_factory.mktemp("largen_train_files"))
+    out["objects"]["vae"] = VAE(sd=load_torch_file(out["vae"], safe_load=True))
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -200,3 +200,14 @@ def test_optimizer_option_picks_torch_adamw_or_its_fused_kernel():
     assert fused.defaults["fused"]
     with pytest.raises(ValueError, match="optimizer must be one of adamw, adamw_fused, adamw_8bit"):
         Opts(optimizer="sgd")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_an_fsdp_launch_without_gpus_is_refused_instead_of_training_ddp(monkeypatch):
+    """What ``accelerate launch --config_file training/accelerate/fsdp.yaml`` sets in each process: without CUDA the
+    engine refuses (accelerate would run DDP over gloo, or fail with 'no available devices'); without the flag the
+    same call builds the accelerator."""
+    assert engine.accelerator_for("no", 1, None, None).distributed_type.name == "NO"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="FSDP was asked for .* without CUDA GPUs: accelerate runs CPU processes"):
+        engine.accelerator_for("no", 1, None, None)
