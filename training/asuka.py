@@ -17,7 +17,7 @@
   of z0 from t in [500, 1000), conditioned on the clean latent and an all-zero mask) — conditioned on the unaugmented
   known pixels. AdamW lr 8e-5 with cosine decay. Writes the file Load Harmonizing Decoder reads.
 
-Choices where the paper is silent (also in the README):
+Choices where the paper is silent (the README's Train section links here):
 - MAE: AdamW lr 1e-4, weight decay 0.05 (MAE's fine-tuning optimiser); everything trains but the fixed sin-cos
   position embeddings (the mask token and the blend scalar ``alpha`` too).
 - Alignment: AdamW weight decay 0.01, timesteps uniform over the 1000 training steps, epsilon target, no condition
@@ -45,10 +45,10 @@ import comfy.sd
 
 from ..models import asuka, asuka_alignment, harmonizing_decoder, masks
 from ..models.imaging import color_jitter
-from .common import (Engine, ImageFolder, Loop, MASK_SUFFIX, TrainOptions, _square, adamw, checkpointed, cosine_lr,
-                     load_base, load_on_device, parse_config, require_epsilon, save_image, validation_losses,
-                     write_atomic)
-from .data import first_items, make_stream
+from .common import (Engine, ImageFolder, Loop, MASK_SUFFIX, TrainOptions, adamw, checkpointed, cosine_lr,
+                     evaluating, load_base, load_on_device, require_epsilon, save_image, train_main,
+                     validation_losses, write_atomic)
+from .data import first_items, make_stream, square
 
 log = logging.getLogger("consistent_inpaint.training.asuka")
 
@@ -67,7 +67,7 @@ class MaskedImages:
         if not self.shapes:
             return None
         path = self.shapes[int(torch.randint(len(self.shapes), (), generator=g))]
-        m = _square(Image.open(path).convert("L"), self.size, Image.NEAREST)
+        m = square(Image.open(path).convert("L"), self.size, Image.NEAREST)
         return torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)
 
     def batch(self, indices, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,15 +141,12 @@ class _Trainer:
         return write_atomic(path, lambda tmp: save_file(sd, str(tmp), metadata=meta))
 
     def run(self) -> Path:
-        cfg, engine = self.cfg, self.engine
-        stream = make_stream(cfg, cfg.data, self.data.size, engine)
-        return Loop(name=self.name, output=cfg.output, steps=cfg.steps, engine=engine, stream=stream,
-                    make_batch=lambda items: self.data.batch_items(items, self.mask_rng),
-                    generators={"mask": self.mask_rng, "augment": self.aug_rng}, loss_names=list(self.losses),
-                    save_fn=self.save, sample_fn=self.sample,
-                    validate_fn=self.validate,
-                    log_every=cfg.log_every, save_every=cfg.save_every, sample_every=cfg.sample_every,
-                    validate_every=cfg.validate_every).run()
+        cfg = self.cfg
+        stream = make_stream(cfg, cfg.data, self.data.size, self.engine)
+        return Loop.of_run(cfg, self.name, self.engine, stream,
+                           make_batch=lambda items: self.data.batch_items(items, self.mask_rng),
+                           loss_names=list(self.losses), generators={"mask": self.mask_rng, "augment": self.aug_rng},
+                           save_fn=self.save, sample_fn=self.sample, validate_fn=self.validate).run()
 
 
 def _load_checkpoint(path: str, model=None, clip=None, vae=None):
@@ -261,17 +258,13 @@ class MAETrainer(_Trainer):
     @torch.no_grad()
     def sample(self, path: Path) -> None:
         """The fixed image with its basis mask: masked input, the MAE reconstruction, the original."""
-        was = self.module.training
-        self.module.eval()
-        try:
+        with evaluating(self.module):
             pixels, hole = (t.to(self.device) for t in self.fixed)
             _, rec = self.module(pixels, hole)
             size = rec.shape[-2:]
             shown = F.interpolate(_masked_pixels(pixels, hole), size=size, mode="bilinear", align_corners=False)
             save_image(path, [shown[0], rec[0], F.interpolate(pixels, size=size, mode="bilinear",
                                                               align_corners=False)[0]])
-        finally:
-            self.module.train(was)
 
 
 # -- alignment -------------------------------------------------------------------------------------------------
@@ -344,9 +337,7 @@ class AlignmentTrainer(_Trainer):
     @torch.no_grad()
     def sample(self, path: Path) -> None:
         """The fixed image inpainted with the current alignment (euler, cfg 1) beside its masked input."""
-        was = self.module.training
-        self.module.eval()
-        try:
+        with evaluating(self.module):
             pixels, hole = (t.to(self.device) for t in self.fixed)
             tokens = self.module(self.mae(pixels, hole, reconstruct=False)[0]).float().cpu()
             masked = self.unet.encode(_masked_pixels(pixels, hole)).cpu()
@@ -358,8 +349,6 @@ class AlignmentTrainer(_Trainer):
                                       positive, negative, latent, seed=self.cfg.seed, disable_pbar=True)
             image = self.unet.vae.decode(out.float())[0].movedim(-1, 0)
             save_image(path, [_masked_pixels(pixels, hole)[0], image])
-        finally:
-            self.module.train(was)
 
 
 # -- harmonizing decoder ---------------------------------------------------------------------------------------
@@ -457,9 +446,7 @@ class DecoderTrainer(_Trainer):
     def sample(self, path: Path) -> None:
         """The fixed image: masked input, the plain VAE decode of its corrupted latent, the harmonizing decode of
         the same latent, the original."""
-        was = self.module.training
-        self.module.eval()
-        try:
+        with evaluating(self.module):
             pixels, hole = (t.to(self.device) for t in self.fixed)
             state = self.aug_rng.get_state()
             z, _ = self.corrupted_latent(pixels)
@@ -467,8 +454,6 @@ class DecoderTrainer(_Trainer):
             plain = self.vae.decode(z)[0].movedim(-1, 0)
             ours = (self.module(z, pixels * 2 - 1, hole).float()[0] + 1) / 2
             save_image(path, [_masked_pixels(pixels, hole)[0], plain, ours, pixels[0]])
-        finally:
-            self.module.train(was)
 
 
 def _require(cfg, names) -> None:
@@ -478,17 +463,12 @@ def _require(cfg, names) -> None:
 
 
 def main_mae(argv=None):
-    _wrote(MAETrainer(parse_config(MAETrainConfig, argv, 'train.py asuka_mae')).run())
+    train_main(MAETrainConfig, MAETrainer, "asuka_mae", argv)
 
 
 def main_alignment(argv=None):
-    _wrote(AlignmentTrainer(parse_config(AlignmentTrainConfig, argv, 'train.py asuka_alignment')).run())
+    train_main(AlignmentTrainConfig, AlignmentTrainer, "asuka_alignment", argv)
 
 
 def main_decoder(argv=None):
-    _wrote(DecoderTrainer(parse_config(DecoderTrainConfig, argv, 'train.py asuka_decoder')).run())
-
-
-def _wrote(path) -> None:
-    if path is not None:                    # the main process wrote it
-        print(f"wrote {path}")
+    train_main(DecoderTrainConfig, DecoderTrainer, "asuka_decoder", argv)

@@ -22,11 +22,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from PIL import Image
 
-from .data import IMAGE_SUFFIXES, MASK_SUFFIX, PROMPT_SUFFIX, ImageFolder, Item, square  # noqa: F401 (re-exported)
+from .data import IMAGE_SUFFIXES, MASK_SUFFIX, PROMPT_SUFFIX, ImageFolder, Item  # noqa: F401 (re-exported)
 from .engine import FILE_MODE, Engine, Loop, write_atomic  # noqa: F401 (re-exported)
 
 log = logging.getLogger("consistent_inpaint.training")
-_square = square                   # the name the ASUKA trainer reads
 
 
 # -- configuration ---------------------------------------------------------------------------------------------
@@ -94,6 +93,19 @@ def parse_config(cls, argv: list[str] | None = None, prog: str = "train.py"):
     if missing:
         raise SystemExit(f"missing required option(s): {', '.join(missing)} (flags or the --config file)")
     return cls(**values)
+
+
+def train_main(config_cls, trainer_cls, method: str, argv: list[str] | None = None) -> None:
+    """``python train.py <method> ...``: the options parsed, the trainer built and run. A bad setting or a missing
+    file ends the run with its message (which says what was expected), not a traceback; the main process prints the
+    file it wrote."""
+    cfg = parse_config(config_cls, argv, f"train.py {method}")
+    try:
+        path = trainer_cls(cfg).run()
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"{method}: {e}") from None
+    if path is not None:
+        print(f"wrote {path}")
 
 
 @dataclasses.dataclass(kw_only=True)

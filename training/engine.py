@@ -353,83 +353,43 @@ class Loop:
         self.stream.load(state["data"], int(state["step"]))
         return int(state["step"])
 
+    @classmethod
+    def of_run(cls, cfg, name: str, engine: Engine, stream, **kw) -> "Loop":
+        """The loop of a trainer's run: its output folder, step count and log / save / sample / validation intervals
+        from the run's options ``cfg``; ``kw`` the trainer's own parts (``make_batch``, ``loss_names``, ...)."""
+        return cls(name=name, output=cfg.output, steps=cfg.steps, engine=engine, stream=stream,
+                   log_every=cfg.log_every, save_every=cfg.save_every, sample_every=cfg.sample_every,
+                   validate_every=cfg.validate_every, **kw)
+
     def run(self) -> Path:
         e, acc = self.engine, self.engine.acc
         out = Path(self.output)
-        if acc.is_main_process:
-            (out / "samples").mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()
         state_path = out / "state.pt"
-        if state_path.exists():
-            step = self._load_state(state_path)
-            log.info("resuming %s at step %d", out, step)
-        else:
-            step = 0
-            seed_process(e.opts.seed, e.rank, self.generators)
-            self.stream.load(None, 0)
-        A, P = e.opts.gradient_accumulation, e.processes
+        step = self._start(out, state_path)
         if acc.is_main_process:
             log.info("%s: global batch %d = %d per device × %d accumulation × %d processes; %d optimiser steps",
-                     self.name, e.batch_size, e.per_device, A, P, self.steps)
+                     self.name, e.batch_size, e.per_device, e.opts.gradient_accumulation, e.processes, self.steps)
         names = list(self.loss_names) + ["lr", "samples_per_s", "skipped"]
-        losses = LossLog(out / "loss.csv", names, step) if acc.is_main_process else None
-        if acc.trackers == [] and acc.log_with:
-            acc.init_trackers(self.name.replace(" ", "_"), config={"batch_size": e.batch_size, "per_device":
-                                                                   e.per_device, "accumulation": A, "processes": P})
+        self._losses = LossLog(out / "loss.csv", names, step) if acc.is_main_process else None
+        self._validation, self._resumed = None, step          # validation.csv: opened at the first evaluation
+        self._t_log, self._n_log = time.perf_counter(), 0
         bar = None
         if acc.is_main_process:
             from tqdm import tqdm
             bar = tqdm(total=self.steps, initial=step, desc=self.name, unit="step")
-        path, saved, t_log, n_log = None, -1, time.perf_counter(), 0
-        resumed, validation = step, None       # validation.csv: opened at the first evaluation
-        stop_sig = StopSignal()
-        key_log = os.environ.get("CONSISTENT_INPAINT_KEY_LOG")      # debugging aid: the samples of every step
-        with stop_sig:
+        path, saved = None, -1
+        with StopSignal() as stop_sig:
             while step < self.steps:
-                parts, keys = None, []
-                while parts is None:
-                    items = self.stream.next()
-                    keys += [it.key for it in items]
-                    parts = e.step(self.make_batch(items), step)
-                if key_log:
-                    with open(Path(key_log) / f"keys.{e.rank}.txt", "a") as fh:
-                        fh.write(" ".join([str(step), *keys]) + "\n")
-                total = parts[self.loss_names[0]]
-                if not math.isfinite(total):
-                    raise FloatingPointError(f"the loss became {total} at step {step + 1}")
+                parts = self._optimiser_step(step)
                 step += 1
-                n_log += 1
+                self._n_log += 1
                 stop = self._agree(stop_sig.raised is not None)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix({k: f"{parts[k]:.4g}" for k in self.loss_names[:2]})
                 if step % self.log_every == 0 or step == self.steps or stop:
-                    now = time.perf_counter()
-                    rate = n_log * e.batch_size / max(now - t_log, 1e-9)
-                    parts.update(lr=e.scheduler.get_last_lr()[0], samples_per_s=rate,
-                                 skipped=float(self.stream.skipped))
-                    if losses is not None:
-                        losses.write(step, parts)
-                        eta = (self.steps - step) * e.batch_size / max(rate, 1e-9)
-                        log.info("step %d/%d loss %.4g | %.2f samples/s (%.2f per process) | ETA %s", step,
-                                 self.steps, total, rate, rate / P, _hms(eta))
-                    acc.log({f"train/{k}": v for k, v in parts.items()}, step=step)
-                    t_log, n_log = now, 0
-                if self.validate_fn is not None and self.validate_every and step % self.validate_every == 0:
-                    values = self.validate_fn()
-                    acc.log({f"validation/{k}": v for k, v in values.items()}, step=step)
-                    if acc.is_main_process:
-                        if validation is None:
-                            validation = LossLog(out / "validation.csv", list(values), resumed)
-                        validation.write(step, values)
-                        log.info("validation at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in
-                                                                              values.items()))
-                if self.sample_fn is not None and self.sample_every and (step % self.sample_every == 0
-                                                                         or step == self.steps):
-                    if acc.is_main_process:
-                        with e.ema_weights():
-                            self.sample_fn(out / "samples" / f"step_{step:07d}.png")
-                    acc.wait_for_everyone()
+                    self._log(step, parts)
+                self._validate_and_sample(step, out)
                 if step % self.save_every == 0 or step == self.steps or stop:
                     path, saved = self._save(step, state_path), step
                 if stop:
@@ -442,6 +402,73 @@ class Loop:
             path = self._save(step, state_path)
         acc.end_training()
         return path
+
+    def _start(self, out: Path, state_path: Path) -> int:
+        """The output folder, the trackers, and the resumed state or this run's seeds -> the step to start from."""
+        e, acc = self.engine, self.engine.acc
+        if acc.is_main_process:
+            (out / "samples").mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        if state_path.exists():
+            step = self._load_state(state_path)
+            log.info("resuming %s at step %d", out, step)
+        else:
+            step = 0
+            seed_process(e.opts.seed, e.rank, self.generators)
+            self.stream.load(None, 0)
+        if acc.trackers == [] and acc.log_with:
+            acc.init_trackers(self.name.replace(" ", "_"), config={
+                "batch_size": e.batch_size, "per_device": e.per_device,
+                "accumulation": e.opts.gradient_accumulation, "processes": e.processes})
+        return step
+
+    def _optimiser_step(self, step: int) -> dict:
+        """This process's micro-batches of one optimiser step through the engine -> the step's mean losses."""
+        e = self.engine
+        parts, keys = None, []
+        while parts is None:
+            items = self.stream.next()
+            keys += [it.key for it in items]
+            parts = e.step(self.make_batch(items), step)
+        key_log = os.environ.get("CONSISTENT_INPAINT_KEY_LOG")      # debugging aid: the samples of every step
+        if key_log:
+            with open(Path(key_log) / f"keys.{e.rank}.txt", "a") as fh:
+                fh.write(" ".join([str(step), *keys]) + "\n")
+        total = parts[self.loss_names[0]]
+        if not math.isfinite(total):
+            raise FloatingPointError(f"the loss became {total} at step {step + 1}")
+        return parts
+
+    def _log(self, step: int, parts: dict) -> None:
+        """loss.csv and the log line (main process), the tracker (every process: the engine keeps the main's)."""
+        e, acc = self.engine, self.engine.acc
+        now = time.perf_counter()
+        rate = self._n_log * e.batch_size / max(now - self._t_log, 1e-9)
+        parts.update(lr=e.scheduler.get_last_lr()[0], samples_per_s=rate, skipped=float(self.stream.skipped))
+        if self._losses is not None:
+            self._losses.write(step, parts)
+            eta = (self.steps - step) * e.batch_size / max(rate, 1e-9)
+            log.info("step %d/%d loss %.4g | %.2f samples/s (%.2f per process) | ETA %s", step, self.steps,
+                     parts[self.loss_names[0]], rate, rate / e.processes, _hms(eta))
+        acc.log({f"train/{k}": v for k, v in parts.items()}, step=step)
+        self._t_log, self._n_log = now, 0
+
+    def _validate_and_sample(self, step: int, out: Path) -> None:
+        acc = self.engine.acc
+        if self.validate_fn is not None and self.validate_every and step % self.validate_every == 0:
+            values = self.validate_fn()
+            acc.log({f"validation/{k}": v for k, v in values.items()}, step=step)
+            if acc.is_main_process:
+                if self._validation is None:
+                    self._validation = LossLog(out / "validation.csv", list(values), self._resumed)
+                self._validation.write(step, values)
+                log.info("validation at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        if self.sample_fn is not None and self.sample_every and (step % self.sample_every == 0
+                                                                 or step == self.steps):
+            if acc.is_main_process:
+                with self.engine.ema_weights():
+                    self.sample_fn(out / "samples" / f"step_{step:07d}.png")
+            acc.wait_for_everyone()
 
     def _save(self, step: int, state_path: Path) -> Path:
         acc = self.engine.acc

@@ -28,7 +28,7 @@ Data: ``training.common.ImageFolder`` (``name.png`` + ``name.mask.png`` (white =
 from the same image (``zoom.prepare_subject``: background white, squared), the inpainting mask is the object mask,
 and the model input is the zoom-in crop around it (``zoom.crop_to_mask``, what Crop To Mask does).
 
-Choices where the paper is silent (also in the README):
+Choices where the paper is silent (the README's Train section links here):
 * stage 1 initialises ``W_k'`` / ``W_v'`` from each layer's text ``W_k`` / ``W_v`` (IP-Adapter's recipe) unless the
   base is already a LAR-Gen checkpoint (then training continues from its projections);
 * stage 2 initialises the RefineNet as a copy of the stage-1 main UNet (input conv: its first 4 channels, the noisy
@@ -40,7 +40,10 @@ Choices where the paper is silent (also in the README):
   the RefineNet still sees the subject on image-dropped rows, as on the unconditional rows when sampling;
 * epsilon target, timesteps uniform over the 1000 training steps, plain MSE over the whole latent (the paper's
   Eq. 11); AdamW; lr 1e-5 (paper); images squared to ``load_size`` (default 2 x resolution) before the zoom-in crop;
-  prompts cut to one 77-token chunk; sample images with euler, CFG ``sample_cfg`` and the RePaint-style blend.
+  prompts cut to one 77-token chunk; sample images with euler, CFG ``sample_cfg`` and the RePaint-style blend (masked
+  crop, subject, the inpainting);
+* the written file in float32 (``save_dtype`` float16 / bfloat16 halve it);
+* gradient checkpointing recomputes every res block and transformer of the UNet and the RefineNet.
 """
 from __future__ import annotations
 
@@ -64,10 +67,10 @@ from ..models.weights import load_weights, tensor_dict
 from ..nodes.common import wrap_patcher
 from ..nodes.largen import (SDXL_CONTEXT, SDXL_POOLED, RefineNetModel, RefinePatch, SubjectPatch, encode_subject,
                             encode_zero_image, largen_from_parts, load_refinenet, refinenet_from_parts, subject_latent)
-from ..nodes.largen import clip_width_error as _clip_width_error
+from ..nodes.largen import clip_width_error
 from .common import (Engine, ImageFolder, Item, Loop, MASK_SUFFIX, PromptEncoder, TrainOptions, adamw,
-                     checkpointed_blocks, load_on_device, parse_config, require_epsilon, sample_conds, sampler_options,
-                     save_image, sdxl_y, unet_blocks, validation_losses, write_atomic)
+                     checkpointed_blocks, load_on_device, require_epsilon, sample_conds, sampler_options, save_image,
+                     sdxl_y, train_main, unet_blocks, validation_losses, write_atomic)
 from .data import first_items, make_stream
 
 log = logging.getLogger("consistent_inpaint.training.largen")
@@ -208,59 +211,10 @@ class LARGenTrainer:
             raise ValueError("set data (a folder) or shards")
         self.engine = Engine(cfg, cfg.batch_size, cfg.output)
         self.device = self.engine.device
-        if clip is None or vae is None:
-            lc, lv = load_encoders(cfg)
-            clip, vae = clip or lc, vae or lv
-        self.clip, self.vae = clip, vae
-        self.clip_vision = clip_vision or load_clip_vision(cfg.clip_vision)
-        self.encode_text = PromptEncoder(clip)
-        empty, empty_pooled, _ = self.encode_text("")
-        if empty.shape[-1] != SDXL_CONTEXT or empty_pooled is None or empty_pooled.shape[-1] != SDXL_POOLED:
-            got = None if empty_pooled is None else empty_pooled.shape[-1]
-            raise ValueError(f"the text encoders must be SDXL's (width {SDXL_CONTEXT}, pooled {SDXL_POOLED}); got "
-                             f"width {empty.shape[-1]}, pooled {got}")
-        if getattr(vae, "latent_channels", 4) != 4:
-            raise ValueError(f"the VAE must be SDXL's (4 latent channels); this one has {vae.latent_channels}")
-
-        parts, path = initial_main_model(cfg)
-        if not cfg.image_proj and parts.resampler is None:
-            raise ValueError(f"{path} carries no IP-Adapter-Plus resampler: set image_proj = "
-                             "ip-adapter-plus_sdxl_vit-h.bin")
-        self.model, adapter = largen_from_parts(parts, path, cfg.image_proj or None, "float32")
-        del parts
-        self.base_model = self.model.model
-        require_epsilon(self.model, "LAR-Gen training")
-        self.sampling = self.model.get_model_object("model_sampling")
-        self.latent_format = self.model.get_model_object("latent_format")
-        self.unet = self.base_model.diffusion_model
-        self.adapter = adapter.patcher.model.to(self.device)
-        self.unet.requires_grad_(False)
-        self.adapter.requires_grad_(False)
-
-        with torch.no_grad():
-            zero = encode_zero_image(self.clip_vision)
-            self.clip_width = zero.shape[-1]
-            if self.clip_width != adapter.embedding_dim:
-                raise ValueError(_clip_width_error(self.clip_width, adapter.embedding_dim))
-            self.zero_tokens = self.adapter.resampler(zero.to(self.device, self.adapter.dtype)).float().cpu()
-
+        self._encoders(clip, vae, clip_vision)
+        self._main_model()
         self.refine = None
-        if self.stage == 1:
-            named = {f"adapter.{n}": p for n, p in self.adapter.named_parameters()
-                     if n.startswith(("to_k_ip", "to_v_ip"))}
-            if cfg.train == "unet":
-                named.update({f"unet.{n}": p for n, p in self.unet.named_parameters()})
-        else:
-            if cfg.refinenet:
-                self.refine = load_refinenet(cfg.refinenet, "float32")
-            else:
-                self.refine = initial_refinenet(self.unet, self.clip_width, cfg.seed)
-            net = self.refine.net.to(self.device)
-            self.refine = RefineNetModel(wrap_patcher(net, self.device, self.device))
-            if net.projector.in_features != self.clip_width:
-                raise ValueError(_clip_width_error(self.clip_width, net.projector.in_features))
-            named = {f"refinenet.{n}": p for n, p in net.named_parameters()
-                     if ".attn2." in n or n.startswith("projector.")}
+        named = self._stage1_tensors() if self.stage == 1 else self._refinenet_tensors()
         for p in named.values():
             p.requires_grad_(True)
         self.named = named
@@ -277,6 +231,64 @@ class LARGenTrainer:
         self.drop_rng = torch.Generator().manual_seed(cfg.seed + 2)
         torch.manual_seed(cfg.seed)
         load_on_device(self.model)
+
+    def _encoders(self, clip, vae, clip_vision) -> None:
+        """The SDXL text encoders, VAE and CLIP vision model (given, or read from the configured files), checked."""
+        if clip is None or vae is None:
+            lc, lv = load_encoders(self.cfg)
+            clip, vae = clip or lc, vae or lv
+        self.clip, self.vae = clip, vae
+        self.clip_vision = clip_vision or load_clip_vision(self.cfg.clip_vision)
+        self.encode_text = PromptEncoder(clip)
+        empty, empty_pooled, _ = self.encode_text("")
+        if empty.shape[-1] != SDXL_CONTEXT or empty_pooled is None or empty_pooled.shape[-1] != SDXL_POOLED:
+            got = None if empty_pooled is None else empty_pooled.shape[-1]
+            raise ValueError(f"the text encoders must be SDXL's (width {SDXL_CONTEXT}, pooled {SDXL_POOLED}); got "
+                             f"width {empty.shape[-1]}, pooled {got}")
+        if getattr(vae, "latent_channels", 4) != 4:
+            raise ValueError(f"the VAE must be SDXL's (4 latent channels); this one has {vae.latent_channels}")
+
+    def _main_model(self) -> None:
+        """The frozen LAR-Gen main model (UNet + adapter) and the zero image's subject tokens."""
+        parts, path = initial_main_model(self.cfg)
+        if not self.cfg.image_proj and parts.resampler is None:
+            raise ValueError(f"{path} carries no IP-Adapter-Plus resampler: set image_proj = "
+                             "ip-adapter-plus_sdxl_vit-h.bin")
+        self.model, adapter = largen_from_parts(parts, path, self.cfg.image_proj or None, "float32")
+        del parts
+        self.base_model = self.model.model
+        require_epsilon(self.model, "LAR-Gen training")
+        self.sampling = self.model.get_model_object("model_sampling")
+        self.latent_format = self.model.get_model_object("latent_format")
+        self.unet = self.base_model.diffusion_model
+        self.adapter = adapter.patcher.model.to(self.device)
+        self.unet.requires_grad_(False)
+        self.adapter.requires_grad_(False)
+        with torch.no_grad():
+            zero = encode_zero_image(self.clip_vision)
+            self.clip_width = zero.shape[-1]
+            if self.clip_width != adapter.embedding_dim:
+                raise ValueError(clip_width_error(self.clip_width, adapter.embedding_dim))
+            self.zero_tokens = self.adapter.resampler(zero.to(self.device, self.adapter.dtype)).float().cpu()
+
+    def _stage1_tensors(self) -> dict:
+        """Stage 1 trains the subject projections W_k', W_v' (and, with train = unet, the whole main UNet)."""
+        named = {f"adapter.{n}": p for n, p in self.adapter.named_parameters()
+                 if n.startswith(("to_k_ip", "to_v_ip"))}
+        if self.cfg.train == "unet":
+            named.update({f"unet.{n}": p for n, p in self.unet.named_parameters()})
+        return named
+
+    def _refinenet_tensors(self) -> dict:
+        """Stage 2 builds (or reads) the RefineNet and trains its cross-attention and subject projector."""
+        cfg = self.cfg
+        refine = load_refinenet(cfg.refinenet, "float32") if cfg.refinenet else \
+            initial_refinenet(self.unet, self.clip_width, cfg.seed)
+        net = refine.net.to(self.device)
+        self.refine = RefineNetModel(wrap_patcher(net, self.device, self.device))
+        if net.projector.in_features != self.clip_width:
+            raise ValueError(clip_width_error(self.clip_width, net.projector.in_features))
+        return {f"refinenet.{n}": p for n, p in net.named_parameters() if ".attn2." in n or n.startswith("projector.")}
 
     # -- inputs --
     def dataset(self) -> ImageFolder:
@@ -435,12 +447,11 @@ class LARGenTrainer:
                              "shard)")
 
     def run(self) -> Path:
-        cfg, engine = self.cfg, self.engine
+        cfg = self.cfg
         if cfg.data and not cfg.shards:
             self.dataset()                                     # every image has its mask
         size = cfg.load_size or 2 * self.resolution
-        stream = make_stream(cfg, cfg.data, size, engine)
-        out = Path(cfg.output)
+        stream = make_stream(cfg, cfg.data, size, self.engine)
         fixed_items = first_items(cfg, cfg.data, size, cfg.validation_size)
         fixed = self.batch_items(fixed_items[:1], dropout=False)     # the sample images' input, the same after a resume
         validation = self.batch_items(fixed_items, dropout=False)
@@ -449,17 +460,12 @@ class LARGenTrainer:
             self.check_items(items)
             return self.batch_items(items)
 
-        return Loop(name=f"LAR-Gen stage {self.stage}", output=cfg.output, steps=cfg.steps, engine=engine,
-                    stream=stream, make_batch=make_batch, generators={"drop": self.drop_rng},
-                    loss_names=["loss", "hole"], save_fn=lambda: self.save(out / OUTPUT_NAMES[self.stage]),
-                    sample_fn=lambda path: self.sample(fixed, path, cfg.sample_steps),
-                    validate_fn=lambda: validation_losses(self.losses, validation, cfg.seed),
-                    log_every=cfg.log_every, save_every=cfg.save_every, sample_every=cfg.sample_every,
-                    validate_every=cfg.validate_every).run()
+        return Loop.of_run(cfg, f"LAR-Gen stage {self.stage}", self.engine, stream, make_batch=make_batch,
+                           loss_names=["loss", "hole"], generators={"drop": self.drop_rng},
+                           save_fn=lambda: self.save(Path(cfg.output) / OUTPUT_NAMES[self.stage]),
+                           sample_fn=lambda path: self.sample(fixed, path, cfg.sample_steps),
+                           validate_fn=lambda: validation_losses(self.losses, validation, cfg.seed)).run()
 
 
 def main(argv=None):
-    cfg = parse_config(LARGenConfig, argv, "train.py largen")
-    path = LARGenTrainer(cfg).run()
-    if path is not None:
-        print(f"wrote {path}")
+    train_main(LARGenConfig, LARGenTrainer, "largen", argv)

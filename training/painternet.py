@@ -7,10 +7,12 @@ The branch runs inside the base UNet through the very patch the Apply Inpaint Br
 (``nodes.branch.BranchPatch``), so what is trained is exactly what is sampled. The output is a PainterNet
 safetensors file (``docs/painternet_format.md``) that Load Inpaint Branch reads as is.
 
-Choices where the paper is silent (also in the README): learning rate 1e-5 and AdamW (BrushNet's), timesteps
-uniform over the 1000 training steps, epsilon target (SD1.5 / SDXL base models), mask channel "1=keep"
-(BrushNet's polarity), images without a mask file get a random ellipse as their "segmentation", prompts longer
-than one 77-token chunk are cut to it.
+Choices where the paper is silent (the README's Train section links here): learning rate 1e-5 and AdamW
+(BrushNet's), timesteps uniform over the 1000 training steps, epsilon target (epsilon-prediction SD1.5 / SDXL base
+models only), mask channel "1=keep" (BrushNet's polarity), images without a mask file get a random ellipse as their
+"segmentation", prompts longer than one 77-token chunk are cut to it, ATAL's maps averaged over heads with the mask
+area-resized to each layer (``models/atal.py``). Gradient checkpointing recomputes the branch's blocks; the frozen
+UNet's activations are kept.
 """
 from __future__ import annotations
 
@@ -34,8 +36,8 @@ from ..nodes.branch import BranchPatch, InpaintBranch
 from ..nodes.branch_unet import ATTENTION_PROBE, GRADIENT_CHECKPOINT, BranchNet
 from ..nodes.common import wrap_patcher
 from .common import (Engine, ImageFolder, Item, Loop, PromptEncoder, TrainOptions, adamw, evaluating, load_base,
-                     load_on_device, nearest, parse_config, require_epsilon, sample_conds, sampler_options, save_image,
-                     sdxl_y, validation_losses, write_atomic)
+                     load_on_device, nearest, require_epsilon, sample_conds, sampler_options, save_image, sdxl_y,
+                     train_main, validation_losses, write_atomic)
 from .data import first_items, make_stream
 
 log = logging.getLogger("consistent_inpaint.training.painternet")
@@ -180,9 +182,9 @@ class PainterNetTrainer:
         return self.engine.step(b, 0)
 
     # -- files --
-    def save(self, path: Path) -> None:
+    def save(self, path: Path) -> Path:
         sd = {k: v.detach().float().cpu().contiguous() for k, v in self.net.state_dict().items()}
-        write_atomic(path, lambda tmp: save_file(sd, str(tmp), metadata=self.metadata))
+        return write_atomic(path, lambda tmp: save_file(sd, str(tmp), metadata=self.metadata))
 
     @torch.no_grad()
     def sample(self, b, path: Path, steps: int) -> None:
@@ -203,26 +205,15 @@ class PainterNetTrainer:
 
     # -- the loop --
     def run(self) -> Path:
-        cfg, engine = self.cfg, self.engine
-        stream = make_stream(cfg, cfg.data, cfg.resolution, engine)
+        cfg = self.cfg
+        stream = make_stream(cfg, cfg.data, cfg.resolution, self.engine)
         fixed = self.batch_items(first_items(cfg, cfg.data, cfg.resolution, cfg.validation_size))
-        out = Path(cfg.output)
-
-        def save_fn():
-            self.save(out / "painternet.safetensors")
-            return out / "painternet.safetensors"
-
-        return Loop(name="PainterNet", output=cfg.output, steps=cfg.steps, engine=engine, stream=stream,
-                    make_batch=self.batch_items, loss_names=["loss", "diffusion", "atal"], save_fn=save_fn,
-                    generators={"mask": self.mask_rng},
-                    sample_fn=lambda path: self.sample(fixed, path, cfg.sample_steps),
-                    validate_fn=lambda: validation_losses(self.losses, fixed, cfg.seed),
-                    log_every=cfg.log_every, save_every=cfg.save_every, sample_every=cfg.sample_every,
-                    validate_every=cfg.validate_every).run()
+        return Loop.of_run(cfg, "PainterNet", self.engine, stream, make_batch=self.batch_items,
+                           loss_names=["loss", "diffusion", "atal"], generators={"mask": self.mask_rng},
+                           save_fn=lambda: self.save(Path(cfg.output) / "painternet.safetensors"),
+                           sample_fn=lambda path: self.sample(fixed, path, cfg.sample_steps),
+                           validate_fn=lambda: validation_losses(self.losses, fixed, cfg.seed)).run()
 
 
 def main(argv=None):
-    cfg = parse_config(PainterNetConfig, argv, "train.py painternet")
-    path = PainterNetTrainer(cfg).run()
-    if path is not None:
-        print(f"wrote {path}")
+    train_main(PainterNetConfig, PainterNetTrainer, "painternet", argv)

@@ -16,7 +16,8 @@ What is trained is therefore exactly what is sampled. The output, ``patch_adapte
 stage-1 result when training stage 2): the stage being trained starts from its weights when it has them, and the
 other stage's weights are copied into the output unchanged, so one file can hold both stages.
 
-Choices where the paper is silent (also in the README):
+Choices where the paper is silent (the README's Train section links here; it publishes only an abstract and a
+summary):
 - Sites: every transformer block of the UNet (each cross-attention for the DCA, each self-attention for the RPA),
   unless ``sites`` names a subset (block kinds ``input,middle,output`` and/or sites such as ``output.2.1``).
 - Initialisation: DCA ``W_q`` = the layer's own ``attn2.to_q`` (Q' is the layer's query of the known region),
@@ -94,8 +95,8 @@ from ..nodes.patch_adapter import DualContextPatch, PatchAdapter, ReferencePatch
 from ..nodes.patch_adapter import reference_attacher as _attach_reference
 from ..nodes.patch_refine import reference_latents as _reference_tokens_latent
 from .common import (Engine, ImageFolder, Item, Loop, PromptEncoder, TrainOptions, adamw, checkpointed_blocks,
-                     evaluating, load_base, load_on_device, parse_config, require_epsilon, sample_conds,
-                     sampler_options, save_image, sdxl_y, unet_blocks, validation_losses, write_atomic)
+                     evaluating, load_base, load_on_device, require_epsilon, sample_conds, sampler_options,
+                     save_image, sdxl_y, train_main, unet_blocks, validation_losses, write_atomic)
 from .data import first_items, make_stream
 
 log = logging.getLogger("consistent_inpaint.training.patch_adapter")
@@ -513,27 +514,18 @@ class PatchAdapterTrainer:
                                      f"(stage 2 reads stage 1's file through init)")
 
     def run(self) -> Path:
-        cfg, engine = self.cfg, self.engine
+        cfg = self.cfg
         self._check_output(Path(cfg.output))
-        stream = make_stream(cfg, cfg.data, self.image_size, engine)
+        stream = make_stream(cfg, cfg.data, self.image_size, self.engine)
         fixed_items = first_items(cfg, cfg.data, self.image_size, cfg.validation_size)
         fixed = self.batch_items(fixed_items[:1], torch.Generator().manual_seed(cfg.seed + 2))   # same after a resume
         validation = self.batch_items(fixed_items, torch.Generator().manual_seed(cfg.seed + 4))
-        out = Path(cfg.output)
-        return Loop(name=f"Patch-Adapter {self.stage}", output=cfg.output, steps=cfg.steps, engine=engine,
-                    stream=stream, make_batch=self.batch_items, generators={"mask": self.mask_rng},
-                    loss_names=["loss"], save_fn=lambda: self.save(out / OUTPUT_NAME),
-                    sample_fn=lambda path: self.sample(fixed, path, cfg.sample_steps),
-                    validate_fn=lambda: validation_losses(self.losses, validation, cfg.seed),
-                    log_every=cfg.log_every, save_every=cfg.save_every, sample_every=cfg.sample_every,
-                    validate_every=cfg.validate_every).run()
+        return Loop.of_run(cfg, f"Patch-Adapter {self.stage}", self.engine, stream, make_batch=self.batch_items,
+                           loss_names=["loss"], generators={"mask": self.mask_rng},
+                           save_fn=lambda: self.save(Path(cfg.output) / OUTPUT_NAME),
+                           sample_fn=lambda path: self.sample(fixed, path, cfg.sample_steps),
+                           validate_fn=lambda: validation_losses(self.losses, validation, cfg.seed)).run()
 
 
 def main(argv=None):
-    cfg = parse_config(PatchAdapterConfig, argv, "train.py patch_adapter")
-    try:
-        path = PatchAdapterTrainer(cfg).run()
-    except (ValueError, FileNotFoundError) as e:     # a bad setting or file: the message says which and the fix
-        raise SystemExit(f"patch_adapter: {e}") from None
-    if path is not None:
-        print(f"wrote {path}")
+    train_main(PatchAdapterConfig, PatchAdapterTrainer, "patch_adapter", argv)
