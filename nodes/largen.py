@@ -30,16 +30,18 @@ import comfy.model_management as mm
 from ..models import largen, zoom
 from ..models.layers import with_reference_tokens
 from ..models.sites import latent_grid, site_of
-from ..models.weights import CheckpointFormatError, build_from_state_dict, load_weights, strip_prefix, tensor_dict
+from ..models.weights import (CheckpointFormatError, build_from_state_dict, check_weights, load_weights, strip_prefix,
+                              tensor_dict)
 from . import comfy_compat as compat
 from .branch_unet import RefineNet, set_transformer_norm_eps, transformer_sites
-from .common import (PercentRangeNode, Precision, model_files, model_path, percent_inputs, resolve_dtype,
-                     wrap_patcher)
+from .common import (CheckedNode, PercentRangeNode, Precision, model_files, model_path, percent_inputs,
+                     resolve_dtype, wrap_patcher)
 from .comfy_compat import io
 from .layout import (b1hw_to_mask, bchw_to_image, image_and_mask, image_to_bchw, mask_to_b1hw,
                      row_batch, vae_encode)
 from .patching import ModelPatch, StepNoise, add_site_replaces, bound_attention, moved, once_per_run, sigma_range
-from .widget_checks import Checked, named, refuse, require_rows, require_sdxl, require_unet, require_vae_of
+from .accepts import named, require_rows, require_sdxl, require_unet, require_vae_of
+from .checks import refuse
 
 log = logging.getLogger(__name__)
 # Display names, for refusals raised while sampling (where the patch, not the node class, is at hand).
@@ -66,6 +68,7 @@ def _sdxl_unet(sd: dict, path: str, dtype_choice: str, in_channels: int):
             f"{cfg.get('in_channels')} input channels")
         raise CheckpointFormatError(f"{name}: expected an SDXL UNet (text width {SDXL_CONTEXT}, vector {SDXL_ADM}, "
                                     f"{in_channels} input channels), found {got}")
+    check_weights(sd, path)                      # floating point and finite, before anything is built
     model_config = compat.sdxl_model_config(cfg)
     load_device = mm.get_torch_device()
     params = sum(t.numel() for t in sd.values())
@@ -416,10 +419,10 @@ def _loaded(node, what: str, load):
     try:
         return load()
     except CheckpointFormatError as e:
-        raise refuse(node, what, str(e), "See docs/largen_format.md for the files it reads.") from e
+        raise refuse(node, what, str(e).rstrip(". "), "See docs/largen_format.md for the files it reads.") from e
 
 
-class LARGenLoader(Checked, io.ComfyNode):
+class LARGenLoader(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -449,7 +452,7 @@ class LARGenLoader(Checked, io.ComfyNode):
                                       lambda: load_largen(model_path("largen", checkpoint), ip, dtype)))
 
 
-class ApplySubjectAttention(Checked, PercentRangeNode):
+class ApplySubjectAttention(PercentRangeNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -492,7 +495,7 @@ class ApplySubjectAttention(Checked, PercentRangeNode):
         if not torch.isfinite(next(iter(kv.values()))[0]).all():
             raise refuse(cls, "finite subject tokens", "NaN or infinite ones from the CLIP vision model and the "
                          "subject adapter", "Check the CLIP vision file and the LAR-Gen checkpoint.")
-        patch = SubjectPatch(kv, kv_zero, weight, sigma_range(model, start_percent, end_percent), region)
+        patch = SubjectPatch(kv, kv_zero, weight, sigma_range(model, start_percent, end_percent, cls), region)
         return io.NodeOutput(patch.attach(model))
 
 
@@ -526,7 +529,7 @@ def attention_region(node, attn_mask) -> torch.Tensor | None:
     return region
 
 
-class RefineNetLoader(Checked, io.ComfyNode):
+class RefineNetLoader(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -549,7 +552,7 @@ class RefineNetLoader(Checked, io.ComfyNode):
                                      lambda: load_refinenet(model_path("largen", checkpoint), dtype)))
 
 
-class ApplyRefineNet(Checked, PercentRangeNode):
+class ApplyRefineNet(PercentRangeNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -600,7 +603,7 @@ class ApplyRefineNet(Checked, PercentRangeNode):
         dev = refinenet.patcher.load_device
         context = net.projector(last.to(dev, net.dtype)).to(mm.intermediate_device())
         patch = RefinePatch(refinenet, latent.cpu(), context, empty_prompt_pooled(cls, clip),
-                            sigma_range(model, start_percent, end_percent), seed)
+                            sigma_range(model, start_percent, end_percent, cls), seed)
         return io.NodeOutput(patch.attach(model))
 
 
@@ -632,7 +635,7 @@ def empty_prompt_pooled(node, clip) -> torch.Tensor:
     return pooled[:1].float().cpu()
 
 
-class CropToMask(Checked, io.ComfyNode):
+class CropToMask(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -669,7 +672,7 @@ class CropToMask(Checked, io.ComfyNode):
         return io.NodeOutput(bchw_to_image(crops), b1hw_to_mask(masks), info)
 
 
-class PasteBack(Checked, io.ComfyNode):
+class PasteBack(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(

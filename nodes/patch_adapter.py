@@ -37,14 +37,14 @@ from ..models.weights import (CheckpointFormatError, build_from_state_dict, load
 from . import comfy_compat as compat
 from . import patch_refine
 from .branch_unet import transformer_sites
-from .common import (PercentRangeNode, Precision, model_files, model_path, percent_inputs, resolve_dtype,
+from .common import (CheckedNode, PercentRangeNode, Precision, model_files, model_path, percent_inputs, resolve_dtype,
                      wrap_patcher)
 from .comfy_compat import io
 from .layout import (b1hw_to_mask, bchw_to_image, image_and_mask, image_copy, image_to_bchw, image_view_bchw,
                      mask_to_b1hw, mask_view_b1hw, match_image_mask, row_batch)
 from .patching import ModelPatch, StepNoise, add_site_replaces, bound_attention, once_per_run, sigma_range
-from .widget_checks import (Checked, model_family, named, refuse, require_rows, require_size, require_unet,
-                            require_vae_of)
+from .accepts import model_family, named, require_rows, require_size, require_unet, require_vae_of
+from .checks import refuse
 
 log = logging.getLogger(__name__)
 # Display names, for refusals raised while sampling (where the patch, not the node class, is at hand).
@@ -264,7 +264,7 @@ def reference_attacher(adapter: PatchAdapter | None):
 
 
 # -- nodes ------------------------------------------------------------------------------------------------
-class PatchAdapterLoader(Checked, io.ComfyNode):
+class PatchAdapterLoader(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -288,11 +288,12 @@ class PatchAdapterLoader(Checked, io.ComfyNode):
         try:
             return io.NodeOutput(load_patch_adapter(model_path("patch_adapter", adapter), dtype))
         except CheckpointFormatError as e:
-            raise refuse(cls, "a Patch-Adapter file (dca.* / rpa.* tensors, docs/patch_adapter_format.md)", str(e),
+            raise refuse(cls, "a Patch-Adapter file (dca.* / rpa.* tensors, docs/patch_adapter_format.md)",
+                         str(e).rstrip(". "),
                          "Choose a file written in the pack's Patch-Adapter format.") from e
 
 
-class ApplyDualContext(Checked, PercentRangeNode):
+class ApplyDualContext(PercentRangeNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -330,11 +331,12 @@ class ApplyDualContext(Checked, PercentRangeNode):
                          "The Dual Context Adapter reads the known region; leave it out for a full repaint.")
         if strength == 0:
             return io.NodeOutput(model)
-        patch = DualContextPatch(patch_adapter, hole.cpu(), strength, sigma_range(model, start_percent, end_percent))
+        window = sigma_range(model, start_percent, end_percent, cls)
+        patch = DualContextPatch(patch_adapter, hole.cpu(), strength, window)
         return io.NodeOutput(patch.attach(model))
 
 
-class HighResPatchRefine(Checked, io.ComfyNode):
+class HighResPatchRefine(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -377,11 +379,10 @@ class HighResPatchRefine(Checked, io.ComfyNode):
         )
 
     @classmethod
-    def more_problems(cls, values):
-        patch_size, overlap = values.get("patch_size"), values.get("overlap")
+    def problem(cls, patch_size=None, overlap=None, **values):
         if patch_size is not None and overlap is not None and overlap >= patch_size:
-            return refuse(cls, f"overlap smaller than patch_size ({patch_size})", f"overlap {overlap}",
-                          f"overlap ({overlap}) must be smaller than patch_size ({patch_size}).")
+            return (f"expected overlap smaller than patch_size ({patch_size}); got overlap {overlap}. Lower the "
+                    "overlap (or raise patch_size)")
         return None
 
     @classmethod
@@ -419,7 +420,7 @@ def check_refine_inputs(node, model, vae, patch_adapter, reference) -> None:
                      "reference tokens instead", patch_adapter.name)
 
 
-class DownscaleForStage1(Checked, io.ComfyNode):
+class DownscaleForStage1(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
