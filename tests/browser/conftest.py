@@ -40,9 +40,10 @@ def artifacts(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def frontend(artifacts):
-    """(server, page): ComfyUI started once for the session, the frontend opened once."""
+    """(server, page): ComfyUI started and the frontend opened once per test module, and both stopped when the
+    module's tests end (the server and Chromium hold about 1 GB; the rest of the suite does not need them)."""
     why = missing_parts()
     if why:
         (pytest.fail if _ci() else pytest.skip)("browser test needs: " + "; ".join(why))

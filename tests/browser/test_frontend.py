@@ -107,12 +107,16 @@ def test_templates_listed_with_thumbnails(frontend, artifacts):
                     size: img && img.complete ? [img.naturalWidth, img.naturalHeight] : [0, 0]};
         });"""
     # The frontend fetches each card's thumbnail (<name>.jpg) as it scrolls into view and shows it from a blob; a
-    # missing one leaves a placeholder. Scroll card by card, noting the size of each picture shown.
-    shown, deadline = {}, time.time() + 45
+    # missing one leaves a placeholder. Scroll card by card, noting the size of each picture shown. On a loaded
+    # machine the pictures come slowly: give up only after 45 s without a new one (at most 3 min in all).
+    shown, start, last_new = {}, time.time(), time.time()
     while True:
         cards = page.js(cards_js, sorted(shown))
+        before = len(shown)
         shown.update({c["id"]: c["size"] for c in cards if c["size"][0] > 0})
-        if len(shown) == len(NAMES) or time.time() > deadline:
+        now = time.time()
+        last_new = now if len(shown) > before else last_new
+        if len(shown) == len(NAMES) or now - last_new > 45 or now - start > 180:
             break
         time.sleep(0.3)
     page.js("document.querySelector('[data-testid^=\"template-workflow-\"]').scrollIntoView();")
