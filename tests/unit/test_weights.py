@@ -87,3 +87,33 @@ def test_single_tensor_containers(tmp_path):
         assert torch.equal(single_tensor(load_weights(str(tmp_path / n)), n), t)
     with pytest.raises(CheckpointFormatError, match="exactly one"):
         single_tensor({"a": t, "b": t}, "two.safetensors")
+
+
+@pytest.mark.parametrize("bad,match", [(float("nan"), "lin.weight holds NaN or infinite"),
+                                       (float("inf"), "lin.weight holds NaN or infinite"),
+                                       ("int", "lin.weight has dtype int64; expected floating-point")])
+def test_weights_with_nan_inf_or_integer_tensors_are_refused_by_name(bad, match):
+    from models.weights import build_from_state_dict
+
+    def factory(device):
+        m = torch.nn.Module()
+        m.lin = torch.nn.Linear(3, 2, device=device)
+        return m
+
+    sd = {"lin.weight": torch.randn(2, 3), "lin.bias": torch.zeros(2)}
+    assert torch.equal(build_from_state_dict(factory, sd, "ok.pt", "a test net").lin.weight, sd["lin.weight"])
+    if bad == "int":
+        sd["lin.weight"] = torch.ones(2, 3, dtype=torch.int64)
+    else:
+        sd["lin.weight"] = sd["lin.weight"].clone()
+        sd["lin.weight"][1, 2] = bad
+    with pytest.raises(CheckpointFormatError, match=match):
+        build_from_state_dict(factory, sd, "bad.pt", "a test net")
+
+
+@pytest.mark.parametrize("bad,match", [(torch.tensor([1.0, float("nan")]), "NaN or infinite"),
+                                       (torch.tensor([1, 2]), "dtype int64")])
+def test_single_tensor_files_are_checked_too(tmp_path, bad, match):
+    torch.save(bad, tmp_path / "vec.pt")
+    with pytest.raises(CheckpointFormatError, match=match):
+        single_tensor(load_weights(str(tmp_path / "vec.pt")), str(tmp_path / "vec.pt"))
