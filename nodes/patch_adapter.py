@@ -48,7 +48,7 @@ from .checks import refuse
 
 log = logging.getLogger(__name__)
 # Display names, for refusals raised while sampling (where the patch, not the node class, is at hand).
-DUAL_NODE, REFINE_NODE = "Apply Patch-Adapter Dual Context", "High-Res Patch Refine (Patch-Adapter)"
+DUAL_NODE, REFINE_NODE = "Apply Patch-Adapter Dual Context", patch_refine.NODE
 CATEGORY = "inpaint/consistent/Patch-Adapter"
 PatchAdapterType = io.Custom("PATCH_ADAPTER")
 PATCH_ID = "consistent_inpaint_patch"          # transformer_options entry: indices of the patches in this call
@@ -399,9 +399,12 @@ class HighResPatchRefine(CheckedNode):
             # 4K+ images: no image-sized copies beyond the output itself (views for reading, crops per patch).
             img, m = match_image_mask(image_view_bchw(image), mask_view_b1hw(mask))     # views, expanded not copied
             ref = image_to_bchw(reference, "reference")
-            job = patch_refine.RefineJob(model, vae, positive, negative, settings, reference_attacher(patch_adapter))
-            out = image_copy(img)
-            plans = patch_refine.refine(job, img, m, ref, out)
+            pa.check_patch_settings(patch_size, overlap, patch_refine.latent_factor(vae))
+            row_batch(ref, img.shape[0], "reference")
+            pa.check_reference_aspect(ref.shape[-2], ref.shape[-1], img.shape[-2], img.shape[-1])
+        job = patch_refine.RefineJob(model, vae, positive, negative, settings, reference_attacher(patch_adapter))
+        out = image_copy(img)
+        plans = patch_refine.refine(job, img, m, ref, out)
         grid = torch.stack([patch_refine.patch_grid_preview(img[i], m[i], plans[i]) for i in range(img.shape[0])])
         return io.NodeOutput(out, bchw_to_image(grid))
 

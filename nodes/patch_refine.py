@@ -23,9 +23,11 @@ import comfy.model_management as mm
 
 from ..models import patch_adapter as pa
 from . import comfy_compat as compat
+from .checks import refuse
 from .layout import row_batch, vae_decode, vae_encode
 
 log = logging.getLogger(__name__)
+NODE = "High-Res Patch Refine (Patch-Adapter)"        # the node's display name, for refusals while sampling
 GREY = 0.5          # the value InpaintModelConditioning gives the hole of the masked image it encodes
 
 
@@ -104,7 +106,7 @@ def crop_conditioning(conds: list, boxes, height: int, width: int, factor: int, 
         d = dict(d)
         if "area" in d:
             if len(boxes) != 1:
-                raise ValueError("conditioning with an area needs patch_batch 1")
+                raise refuse(NODE, "patch_batch 1 with conditioning that has an area", f"{len(boxes)} patches")
             area = _crop_area(d["area"], boxes[0], factor, height, width)
             if area is None:
                 continue
@@ -120,8 +122,8 @@ def crop_conditioning(conds: list, boxes, height: int, width: int, factor: int, 
             d.update(inpaint)
         out.append([t, d])
     if not out:
-        raise ValueError("no conditioning entry covers this patch (their areas all lie elsewhere); add one "
-                         "without an area")
+        raise refuse(NODE, "a conditioning entry that covers this patch", "entries whose areas all lie elsewhere",
+                     "Add one without an area.")
     return out
 
 
