@@ -340,7 +340,7 @@ def _check_model(model, spec):
     if base.get("context_dim") != want_ctx or bool(base.get("adm_in_channels")) != bool(spec.unet_config.get("adm_in_channels")):
         got = BASE_NAMES.get(base.get("context_dim"), type(model.model).__name__)
         raise checks.refuse(APPLY, f"an {want} model (this {spec.kind} branch is built for {want}, text width {want_ctx})",
-                            f"a {got} model (text width {base.get('context_dim')})",
+                            f"a model of the {got} family (text width {base.get('context_dim')})",
                             f"Load the branch made for {got}, or an {want} model")
     ours = (spec.config["model_channels"], tuple(spec.config["channel_mult"]), tuple(spec.config["num_res_blocks"]))
     theirs = (base.get("model_channels"), tuple(base.get("channel_mult") or ()),

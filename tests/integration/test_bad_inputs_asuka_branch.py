@@ -328,8 +328,8 @@ def apply_branch(g, ckpt, branch=BRUSHNET, model=None, vae=None, img=None, m=Non
     ("scale_high", ("expected scale between 0.0 and 10.0", "got 20.0")),
     ("scale_link_high", ("Apply Inpaint Branch: expected scale between 0.0 and 10.0",)),
     ("flux_vae", ("expected an SD1.5/SDXL VAE (4 latent channels", "a FLUX/SD3 VAE with 16 latent channels")),
-    ("sdxl_branch", ("expected an SDXL model", "got a SD1.5 model (text width 768)")),
-    ("sdxl_model", ("expected an SD1.5 model", "got a SDXL model (text width 2048)")),
+    ("sdxl_branch", ("expected an SDXL model", "got a model of the SD1.5 family (text width 768)")),
+    ("sdxl_model", ("expected an SD1.5 model", "got a model of the SDXL family (text width 2048)")),
     ("mask_size", ("expected the mask to be the size of the image", "mask is 48x48 but image is 64x64")),
     ("batch", ("image batch is 2 but mask batch is 3",)),
     ("nan_image", ("expected image without NaN or infinite values",)),
@@ -424,7 +424,8 @@ def test_apply_branch_defined_results(comfy, files, ex, tensor_nodes, unet_ckpt,
     elif case == "batch_broadcast":
         kw.update(img=image(g, batch=2))
     elif case == "powerpaint_task":
-        t = g.node(TASK, task_embeddings=task_files["full"], task="object-removal", fitting_degree=1.0)
+        clip = g.node("CheckpointLoaderSimple", ckpt_name=unet_ckpt).out(1)
+        t = g.node(TASK, task_embeddings=task_files["vectors"], task="object-removal", fitting_degree=1.0, clip=clip)
         kw.update(branch=POWERPAINT, bpos=t.out(0), bneg=t.out(1))
     n, s = apply_branch(g, unet_ckpt, **kw)
     r = comfy.run_prompt(g, executor=ex)
@@ -440,27 +441,29 @@ def reference_ex(comfy):
     return comfy.execution.PromptExecutor(comfy.server, cache_type=comfy.execution.CacheType.CLASSIC)
 
 
-@pytest.mark.parametrize("seed,branch", [(0, BRUSHNET), (1, POWERPAINT), (2, PAINTERNET)])
 def test_input_model_samples_identically_after_the_patched_one_ran(comfy, files, ex, reference_ex, tensor_nodes,
-                                                                  unet_ckpt, seed, branch):  # noqa: F811
-    """The MODEL object the branch was applied to (cached by the matrix's executor, so every earlier case patched
-    clones of it too) samples bit-identically to a MODEL that never met a branch."""
-    def plain(executor):
-        g = comfy.graph()
+                                                                  unet_ckpt):  # noqa: F811
+    """The MODEL object every branch kind was applied to (cached by the matrix's executor, so every earlier case
+    patched clones of it too) samples bit-identically to a MODEL that never met a branch."""
+    def plain(g):
         ck = g.node("CheckpointLoaderSimple", ckpt_name=unet_ckpt)
         pos = g.node("CLIPTextEncode", text="x", clip=ck.out(1)).out(0)
         enc = g.node("VAEEncode", pixels=image(g), vae=ck.out(2)).out(0)
-        s = g.node("KSampler", model=ck.out(0), seed=seed, steps=2, cfg=3.0, sampler_name="euler",
+        s = g.node("KSampler", model=ck.out(0), seed=5, steps=2, cfg=3.0, sampler_name="euler",
                    scheduler="normal", positive=pos, negative=pos, latent_image=enc, denoise=0.8)
         capture(g, s.out(0))
-        return comfy.run_prompt(g, executor=executor).output(s.id, 0)["samples"]
+        return s
 
-    before = plain(reference_ex)
     g = comfy.graph()
-    _, sp = apply_branch(g, unet_ckpt, branch=branch)
-    patched = comfy.run_prompt(g, executor=ex).output(sp.id, 0)["samples"]
-    after = plain(ex)                       # the same cached MODEL object the branch was applied to
-    assert torch.equal(before, after) and torch.isfinite(patched).all()
+    before = comfy.run_prompt(g, executor=reference_ex).output(plain(g).id, 0)["samples"]
+    g = comfy.graph()
+    samplers = [apply_branch(g, unet_ckpt, branch=b)[1] for b in (BRUSHNET, POWERPAINT, PAINTERNET)]
+    r = comfy.run_prompt(g, executor=ex)
+    patched = [r.output(s.id, 0)["samples"] for s in samplers]
+    g = comfy.graph()
+    after = comfy.run_prompt(g, executor=ex).output(plain(g).id, 0)["samples"]   # the cached, patched-from MODEL
+    assert torch.equal(before, after)
+    assert all(torch.isfinite(p).all() and not torch.equal(p, patched[0]) for p in patched[1:])
 
 
 # -- PowerPaint task prompt ----------------------------------------------------------------------------------------
@@ -505,9 +508,10 @@ def test_task_prompt_refuses(comfy, files, ex, task_files, case, words):  # noqa
 
 
 @pytest.mark.parametrize("task_name", ["text-guided", "object-removal", "outpainting", "shape-guided"])
-def test_task_prompt_every_task_and_fitting_by_link(comfy, files, ex, task_files, task_name):  # noqa: F811
+def test_task_prompt_every_task_and_fitting_by_link(comfy, files, ex, task_files, unet_ckpt, task_name):  # noqa: F811
     g = comfy.graph()
-    n = task(g, task_files["full"], task_name, fitting=link(g, 0.5))
+    clip = g.node("CheckpointLoaderSimple", ckpt_name=unet_ckpt).out(1)      # the vectors-only file takes a CLIP
+    n = task(g, task_files["vectors"], task_name, fitting=link(g, 0.5), clip=clip)
     r = comfy.run_prompt(g, executor=ex)
     for i in (0, 1):
         c = r.output(n.id, i)[0][0]

@@ -161,7 +161,7 @@ def test_task_vectors_alone_need_a_clip(comfy, run_prompt, graph, task_files):
     n = graph.node("ConsistentInpaintPowerPaintTaskPrompt", task_embeddings=task_files["vectors"],
                    task="text-guided", fitting_degree=1.0)
     graph.node("CITestCapture", value=n.out(0))
-    with pytest.raises(comfy.PromptError, match="connect the SD1.5 CLIP"):
+    with pytest.raises(comfy.PromptError, match="Connect the SD1.5 CLIP"):
         run_prompt(graph)
 
 

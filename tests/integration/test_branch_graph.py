@@ -339,8 +339,10 @@ def test_empty_and_full_masks_give_finite_samples(comfy, run_prompt, graph, unet
 
 
 @pytest.mark.parametrize("base,branch,match", [
-    ("sd15", "brushnet_sdxl_test.safetensors", "built for SDXL .* but the model is SD1.5"),
-    ("sdxl", "painternet_sd15_test.safetensors", "built for SD15 .* but the model is SDXL"),
+    ("sd15", "brushnet_sdxl_test.safetensors", r"expected an SDXL model \(this brushnet branch is built for SDXL.*got "
+                                               "a model of the SD1.5 family"),
+    ("sdxl", "painternet_sd15_test.safetensors", r"expected an SD1.5 model \(this painternet branch is built for "
+                                                 "SD1.5.*got a model of the SDXL family"),
 ])
 def test_branch_for_the_other_base_is_refused(comfy, run_prompt, graph, unet_ckpt, branch_files, tiny_sdxl,
                                               base, branch, match):
