@@ -455,13 +455,15 @@ def test_input_model_samples_identically_after_the_patched_one_ran(comfy, files,
         return s
 
     g = comfy.graph()
-    before = comfy.run_prompt(g, executor=reference_ex).output(plain(g).id, 0)["samples"]
+    s = plain(g)
+    before = comfy.run_prompt(g, executor=reference_ex).output(s.id, 0)["samples"]
     g = comfy.graph()
     samplers = [apply_branch(g, unet_ckpt, branch=b)[1] for b in (BRUSHNET, POWERPAINT, PAINTERNET)]
     r = comfy.run_prompt(g, executor=ex)
     patched = [r.output(s.id, 0)["samples"] for s in samplers]
     g = comfy.graph()
-    after = comfy.run_prompt(g, executor=ex).output(plain(g).id, 0)["samples"]   # the cached, patched-from MODEL
+    s = plain(g)
+    after = comfy.run_prompt(g, executor=ex).output(s.id, 0)["samples"]   # the cached, patched-from MODEL
     assert torch.equal(before, after)
     assert all(torch.isfinite(p).all() and not torch.equal(p, patched[0]) for p in patched[1:])
 
