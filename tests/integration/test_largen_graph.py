@@ -279,8 +279,8 @@ def test_batch_of_two_with_one_subject_each(comfy, run_prompt, graph, largen_fil
     ("sd15_resampler", r"Load LAR-Gen: expected .*768-wide subject tokens .an SD1.5 IP-Adapter-Plus."),
     ("empty_attn_mask", r"expected an attn_mask that marks where the subject acts; got an empty attn_mask"),
     ("no_refinenet", r"Load LAR-Gen RefineNet: expected a LAR-Gen RefineNet .*holds no RefineNet"),
-    ("start_end", r"Apply LAR-Gen Subject Attention: expected start_percent <= end_percent; got start_percent 0.6 "
-                  r"after end_percent 0.5"),
+    ("start_end", r"\(ConsistentInpaintApplySubjectAttention\):\n.*expected start_percent <= end_percent; got "
+                  r"start_percent 0.6 > end_percent 0.5"),
 ])
 def test_bad_inputs_give_clear_errors(comfy, run_prompt, graph, largen_files, clip_vision_node, vae_name, case, match):
     kw = {}

@@ -342,8 +342,8 @@ def test_patches_share_a_batch(comfy, run_prompt, graph, files, calls):
                            r"2048x2048"),
     (dict(patch=500), r"High-Res Patch Refine \(Patch-Adapter\): patch_size 500 is not a multiple of the VAE's "
                       r"latent factor 8"),
-    (dict(overlap=256), r"High-Res Patch Refine \(Patch-Adapter\): expected overlap smaller than patch_size \(256\); "
-                        r"got overlap 256"),
+    (dict(overlap=256), r"\(ConsistentInpaintHighResPatchRefine\):\n.*expected overlap smaller than patch_size "
+                        r"\(256\); got overlap 256"),
     (dict(overlap=60), r"High-Res Patch Refine \(Patch-Adapter\): overlap 60 is not a multiple"),
 ])
 def test_bad_stage2_inputs(comfy, run_prompt, graph, files, kw, pattern):
