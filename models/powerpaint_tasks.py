@@ -16,6 +16,7 @@ This module only reads and checks the file; the encoding runs in ComfyUI's own C
 """
 from __future__ import annotations
 
+import enum
 import re
 from typing import Mapping
 
@@ -25,12 +26,19 @@ from .weights import CheckpointFormatError, check_tensors, check_weights
 
 TASK_WORDS = ("P_ctxt", "P_shape", "P_obj")
 
+class Task(str, enum.Enum):
+    TEXT_GUIDED = "text-guided"
+    OBJECT_REMOVAL = "object-removal"
+    OUTPAINTING = "outpainting"
+    SHAPE_GUIDED = "shape-guided"
+
+
 # task -> ((positive A, positive B), (negative A, negative B)); the branch prompt is f·E(A) + (1−f)·E(B).
 TASKS = {
-    "text-guided": (("P_obj", "P_obj"), ("P_obj", "P_obj")),
-    "object-removal": (("P_ctxt", "P_ctxt"), ("P_obj", "P_obj")),
-    "outpainting": (("P_ctxt", "P_ctxt"), ("P_obj", "P_obj")),
-    "shape-guided": (("P_shape", "P_ctxt"), ("P_shape", "P_ctxt")),
+    Task.TEXT_GUIDED: (("P_obj", "P_obj"), ("P_obj", "P_obj")),
+    Task.OBJECT_REMOVAL: (("P_ctxt", "P_ctxt"), ("P_obj", "P_obj")),
+    Task.OUTPAINTING: (("P_ctxt", "P_ctxt"), ("P_obj", "P_obj")),
+    Task.SHAPE_GUIDED: (("P_shape", "P_ctxt"), ("P_shape", "P_ctxt")),
 }
 
 CLIP_L_LAYERS = 12

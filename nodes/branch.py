@@ -494,7 +494,7 @@ class PowerPaintTaskPrompt(CheckedNode):
             inputs=[
                 io.Combo.Input("task_embeddings", options=model_files("inpaint_branch"),
                                tooltip="PowerPaint_Brushnet/pytorch_model.bin as published (in models/inpaint_branch)"),
-                io.Combo.Input("task", options=list(powerpaint_tasks.TASKS), default="text-guided",
+                io.Combo.Input("task", options=powerpaint_tasks.Task, default=powerpaint_tasks.Task.TEXT_GUIDED,
                                tooltip="object-removal / outpainting: the authors also add 'empty scene blur' / "
                                        "'empty scene' to the UNet prompt"),
                 io.Float.Input("fitting_degree", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -528,7 +528,7 @@ def task_prompts(text, vectors: dict, task: str, fitting_degree: float) -> list:
         return encoded[word]
 
     out = []
-    for a, b in powerpaint_tasks.TASKS[task]:
+    for a, b in powerpaint_tasks.TASKS[powerpaint_tasks.Task(task)]:
         (ca, pa), (cb, pb) = enc(a), enc(b)
         out.append([[powerpaint_tasks.blend(ca, cb, fitting_degree),
                      {"pooled_output": powerpaint_tasks.blend(pa, pb, fitting_degree)}]])
