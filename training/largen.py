@@ -25,7 +25,8 @@ model's transformer options and wrappers, so what is trained is what is sampled.
 
 Data: ``training.common.ImageFolder`` (``name.png`` + ``name.mask.png`` (white = the object, required) +
 ``name.txt`` (the object's local caption)). As in the paper's data engine, the image prompt is the masked object cut
-from the same image (``zoom.prepare_subject``: background white, squared), the inpainting mask is the object mask,
+from the same image, built as the nodes build it (``zoom.subject_crops`` then ``zoom.clip_square`` for CLIP and, in
+stage 2, ``zoom.refine_square`` for the RefineNet's subject latent), the inpainting mask is the object mask,
 and the model input is the zoom-in crop around it (``zoom.crop_to_mask``, what Crop To Mask does).
 
 Choices where the paper is silent (the README's Train section links here):
@@ -300,7 +301,8 @@ class LARGenTrainer:
         return data
 
     def item(self, data: ImageFolder, i: int):
-        """-> (crop [3, R, R], hole [1, R, R] (1 = inpaint), subject square [1, 3, s, s], prompt)."""
+        """-> (crop [3, R, R], hole [1, R, R] (1 = inpaint), subject square [1, 3, s, s] (the CLIP input), prompt,
+        the RefineNet's subject image [1, 3, r, r] (stage 2; None in stage 1))."""
         return self.item_of(Item(data.items[i].name, *data[i], 0))
 
     def item_of(self, it: Item):
@@ -308,14 +310,16 @@ class LARGenTrainer:
         if mask is None or not (mask > 0.5).any():
             raise ValueError(f"{it.key}: its mask is empty; it must mark the object (white)")
         img, m = pixels[None], (mask > 0.5).float()[None, None]
-        square = zoom.prepare_subject(img, m)
+        subject = zoom.subject_crops(img, m)[0]                  # the nodes' (and the authors') subject crop
+        square = zoom.clip_square(subject).clamp(0, 1)
+        refine_in = zoom.refine_square(subject, self.subject_resolution) if self.stage == 2 else None
         R = self.resolution
         if self.cfg.zoom:
             crop, hole, _ = zoom.crop_to_mask(img, m, self.cfg.context_factor, R)
         else:
             crop = F.interpolate(img, size=(R, R), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
             hole = (F.interpolate(m, size=(R, R), mode="bilinear", antialias=True, align_corners=False) > 0.5).float()
-        return crop[0], hole[0], square, prompt
+        return crop[0], hole[0], square, prompt, refine_in
 
     def dropout(self, n: int, generator: torch.Generator):
         """-> (text dropped [n], image dropped [n]): independent Bernoulli draws, one generator."""
@@ -337,12 +341,12 @@ class LARGenTrainer:
             drop_text, drop_image = self.dropout(n, generator or self.drop_rng)
         else:
             drop_text = drop_image = torch.zeros(n, dtype=torch.bool)
-        pixels = torch.stack([c for c, _, _, _ in items])
-        hole = torch.stack([h for _, h, _, _ in items])
+        pixels = torch.stack([c for c, _, _, _, _ in items])
+        hole = torch.stack([h for _, h, _, _, _ in items])
         masked = pixels * (1 - hole) + 0.5 * hole            # as InpaintModelConditioning: hole grey
         raw, masked_raw = self.vae.encode(torch.cat([pixels, masked]).movedim(1, -1)).float().chunk(2)
-        context, pooled = self.encode_text.batch(["" if d else p for (_, _, _, p), d in zip(items, drop_text.tolist())])
-        squares = [s for _, _, s, _ in items]
+        context, pooled = self.encode_text.batch(["" if d else p for (_, _, _, p, _), d in zip(items, drop_text.tolist())])
+        squares = [s for _, _, s, _, _ in items]
         pens, lasts = zip(*(encode_subject(self.clip_vision, s) for s in squares))    # sizes differ: one by one
         tokens = self.adapter.resampler(torch.cat(pens).to(self.device, self.adapter.dtype)).float().cpu()
         tokens[drop_image] = self.zero_tokens                  # the node's unconditional image where dropped
@@ -351,7 +355,8 @@ class LARGenTrainer:
                  drop_image=drop_image, squares=squares)
         if self.stage == 2:
             b["clip_last"] = torch.cat(lasts).float()
-            b["subject_latent"] = subject_latent(self.vae, self.latent_format, squares, self.subject_resolution).cpu()
+            refine_in = [r for _, _, _, _, r in items]          # as Apply LAR-Gen RefineNet builds its latent
+            b["subject_latent"] = subject_latent(self.vae, self.latent_format, refine_in, self.subject_resolution).cpu()
         return b
 
     # -- the model with this batch's patches --
