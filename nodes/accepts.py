@@ -23,6 +23,17 @@ def latent_channels(model) -> int:
     return int(model.get_model_object("latent_format").latent_channels)
 
 
+LATENT_FAMILIES = {4: "SD1.5/SDXL", 16: "FLUX/SD3"}     # latent channels -> the model families that make them
+
+
+def latent_family(channels) -> str:
+    """The families a latent (or VAE) of ``channels`` channels belongs to, as users name them: "an SD1.5/SDXL"."""
+    name = LATENT_FAMILIES.get(channels)
+    if name is None:
+        return f"a {channels}-channel"
+    return ("an " if name.startswith("SD") else "a ") + name      # "an ess-dee", "a FLUX"
+
+
 def require_unet(node, model, families: str) -> None:
     """The MODEL must be a UNet (input/middle/output blocks: the attention routes the patches use); ``families``
     names the ones the node works on."""
@@ -44,7 +55,7 @@ def require_vae_of(node, vae, model) -> None:
     want, got = latent_channels(model), getattr(vae, "latent_channels", None)
     if got != want:
         raise refuse(node, f"a VAE of the model's family ({model_family(model)}: {want} latent channels)",
-                     f"a VAE with {got} latent channels" + (" (e.g. FLUX's)" if got == 16 else ""),
+                     f"a VAE with {got} latent channels ({latent_family(got)} VAE)",
                      f"Connect the {model_family(model)} VAE.")
 
 

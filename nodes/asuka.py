@@ -18,6 +18,7 @@ from ..models.harmonizing_stream import StreamingDecode
 from . import checks
 from . import comfy_compat as compat
 from .common import CheckedNode, Precision, model_files, model_path, resolve_dtype, wrap_patcher
+from .accepts import latent_family
 from .comfy_compat import io
 from .layout import bchw_to_image, centre_crop_to_multiple, image_and_mask, match_batches
 
@@ -196,10 +197,9 @@ def latent_problem(z, cfg) -> str | None:
                 f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}. Decode video or audio "
                 "latents with their own VAE")
     if z.shape[1] != cfg.z_channels:
-        fam = {16: "a FLUX", 4: "an SD1.5/SDXL"}
-        return (f"expected a latent with {cfg.z_channels} channels ({fam.get(cfg.z_channels, 'this')} latent, as this "
-                f"harmonizing decoder decodes); got {z.shape[1]} channels ({fam.get(z.shape[1], 'another model family')}"
-                " latent). Load the harmonizing decoder of the model family that made the latent")
+        return (f"expected a latent with {cfg.z_channels} channels ({latent_family(cfg.z_channels)} latent, as this "
+                f"harmonizing decoder decodes); got {z.shape[1]} channels ({latent_family(z.shape[1])} latent). Load "
+                "the harmonizing decoder of the model family that made the latent")
     if 0 in z.shape:
         return f"expected a latent of at least 1x1; got shape {tuple(z.shape)}"
     if not torch.isfinite(z).all():

@@ -38,6 +38,7 @@ from . import comfy_compat as compat
 from .branch_unet import BranchNet, TimestepEmbedSequential, Upsample
 from .common import (CheckedNode, PercentRangeNode, Precision, model_files, model_path, percent_inputs, resolve_dtype,
                      wrap_patcher)
+from .accepts import latent_family
 from .comfy_compat import io
 from .layout import centre_crop_to_multiple, check_finite, image_and_mask, row_batch, vae_encode
 from .patching import ModelPatch, RunState, moved, sigma_range
@@ -406,9 +407,8 @@ def _check_vae(vae, spec) -> None:
     want = (spec.config["in_channels"] - 1) // 2           # in: noisy latent + masked-image latent + mask
     got = getattr(vae, "latent_channels", None)
     if got is not None and got != want:
-        fam = {4: "an SD1.5/SDXL VAE", 16: "a FLUX/SD3 VAE"}
-        raise checks.refuse(APPLY, f"{fam.get(want, 'a VAE')} ({want} latent channels, as this {spec.kind} "
-                            f"{spec.base.upper()} branch takes)", f"{fam.get(got, 'a VAE')} with {got} latent channels",
+        raise checks.refuse(APPLY, f"{latent_family(want)} VAE ({want} latent channels, as this {spec.kind} "
+                            f"{spec.base.upper()} branch takes)", f"{latent_family(got)} VAE with {got} latent channels",
                             "Connect the VAE of the model the branch is for (e.g. the checkpoint's own VAE)")
 
 

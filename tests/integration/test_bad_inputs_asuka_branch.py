@@ -212,7 +212,7 @@ def decode(g, samples, img=None, m=None, tile_size=0, overlap=16, tiling="exact"
 
 
 @pytest.mark.parametrize("case,words", [
-    ("flux_latent", ("expected a latent with 4 channels (an SD1.5/SDXL latent", "got 16 channels (a FLUX latent)")),
+    ("flux_latent", ("expected a latent with 4 channels (an SD1.5/SDXL latent", "got 16 channels (a FLUX/SD3 latent)")),
     ("latent_size", ("latent decodes to 96x96 but image is 64x64",)),
     ("nan_latent", ("expected samples without NaN or infinite values",)),
     ("video_latent", ("expected samples to be an image latent",)),
