@@ -340,13 +340,23 @@ class PatchCanvas:
 
 
 # -- the reference -----------------------------------------------------------------------------------------
-def check_reference_aspect(ref_h: int, ref_w: int, height: int, width: int, tolerance: float = 0.01) -> None:
-    """The reference must show the same framing as the image (up to rounding when it was downscaled)."""
+def reference_aspect_problem(ref_h: int, ref_w: int, height: int, width: int, tolerance: float = 0.01) -> str | None:
+    """The message when a ``ref_w`` x ``ref_h`` reference does not show the framing of a ``width`` x ``height`` image
+    (1 % plus a pixel of rounding on either side), else None."""
     a, b = ref_w / ref_h, width / height
     slack = tolerance + 1.5 / min(ref_h, ref_w)          # one pixel of rounding on either side
-    if abs(a / b - 1) > slack:
-        raise ValueError(f"reference is {ref_w}x{ref_h} (aspect {a:.4f}) but the image is {width}x{height} "
-                         f"(aspect {b:.4f}); give the stage-1 result of this image, resized with its aspect ratio kept")
+    if abs(a / b - 1) <= slack:
+        return None
+    return (f"expected a reference with the aspect ratio of the {width}x{height} image ({b:.4f}); got a reference of "
+            f"{ref_w}x{ref_h} (aspect {a:.4f}). Give the stage-1 result of this image, resized with its aspect ratio "
+            "kept (Downscale For Stage 1 does)")
+
+
+def check_reference_aspect(ref_h: int, ref_w: int, height: int, width: int, tolerance: float = 0.01) -> None:
+    """The reference must show the same framing as the image (up to rounding when it was downscaled)."""
+    problem = reference_aspect_problem(ref_h, ref_w, height, width, tolerance)
+    if problem:
+        raise ValueError(problem)
 
 
 def sample_reference(reference: torch.Tensor, box: PatchBox, height: int, width: int,

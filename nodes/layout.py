@@ -112,8 +112,9 @@ def row_batch(t: torch.Tensor, rows: int, what: str) -> torch.Tensor:
         return t
     if t.shape[0] == 1:
         return t.expand(rows, *t.shape[1:])
-    raise InputError(f"expected {what} with a batch of 1 or {rows}; got: {what} has a batch of {t.shape[0]} but the "
-                     f"latent batch is {rows}. Give one, or one per latent")
+    allowed = "1" if rows == 1 else f"1 or {rows}"
+    raise InputError(f"expected {what} with a batch of {allowed} (the latent batch is {rows}); got a batch of "
+                     f"{t.shape[0]}. Give one, or one per latent")
 
 
 def match_batches(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -453,6 +453,11 @@ class DownscaleForStage1(CheckedNode):
         scale = math.sqrt(megapixels * MEGAPIXEL / (H * W))
         h = max(multiple_of, round(H * scale / multiple_of) * multiple_of)
         w = max(multiple_of, round(W * scale / multiple_of) * multiple_of)
+        if pa.reference_aspect_problem(h, w, H, W):     # rounding to multiple_of would stretch it: stage 2 refuses
+            raise refuse(cls, f"sides that are multiples of {multiple_of} near {megapixels} megapixels keeping the "
+                         f"{W}x{H} image's aspect ratio (to 1 % and a pixel, as High-Res Patch Refine needs)",
+                         f"{w}x{h} (aspect {w / h:.4f} instead of {W / H:.4f})",
+                         "Raise megapixels or lower multiple_of.")
         aa = h < H or w < W
         small = F.interpolate(img, size=(h, w), mode="bicubic", antialias=aa, align_corners=False).clamp(0, 1)
         small_mask = F.interpolate(m, size=(h, w), mode="bilinear", antialias=aa, align_corners=False).clamp(0, 1)

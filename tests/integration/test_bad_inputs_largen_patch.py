@@ -811,7 +811,7 @@ def _(g, e):
 @case("hires-reference-aspect")
 def _(g, e):
     hires_node(g, e, reference=noise(g, 64, 64))
-    return refused(f"{HIRES}: reference is 64x64 .* but the image is 128x96")
+    return refused(f"{HIRES}: expected a reference with the aspect ratio of the 128x96 image", "got a reference of 64x64")
 
 
 @case("hires-mask-other-size")
@@ -901,6 +901,18 @@ def _(g, e):
 def _(g, e):
     down_node(g, image=noise(g, 96, 64, b=2), mask=mask_batch(g, solid(g, 96, 64, 1.0), 3))
     return refused(f"{DOWN}: expected a batch of 1 or 2 for mask; got: image batch is 2 but mask batch is 3")
+
+
+@case("down-aspect-would-stretch")
+def _(g, e):
+    down_node(g, image=noise(g, 600, 100), mask=rect(g, 600, 100, 10, 10, 20, 20), multiple_of=64)
+    return refused(f"{DOWN}: expected sides that are multiples of 64", "got 576x64 \\(aspect 9.0000 instead of 6.0000\\)")
+
+
+@case("down-thin-image-keeps-aspect")
+def _(g, e):
+    n = down_node(g, image=noise(g, 1000, 8), mask=rect(g, 1000, 8, 10, 2, 20, 4), multiple_of=1)
+    return works(lambda r: r.output(n.id).shape[1:3] == (20, 2560) or pytest.fail(str(r.output(n.id).shape)))
 
 
 @case("down-megapixels-linked-valid")
