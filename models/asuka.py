@@ -85,7 +85,8 @@ def check_compatible(mae: asuka_mae.MAEPrior, tokens_align, pooled_align, nulls:
     n_tokens = mae.config.grid ** 2
     if nulls.tokens is not None and nulls.tokens.shape[0] < n_tokens:
         raise CheckpointFormatError(
-            f"null_tokens hold {nulls.tokens.shape[0]} tokens; the prior has {n_tokens} (use txt_256.pt)")
+            f"null_tokens: expected at least the prior's {n_tokens} tokens; got {nulls.tokens.shape[0]}. Use "
+            "txt_256.pt (the authors' null tokens)")
 
 
 def null_tokens_for(nulls: NullEmbeddings, n_tokens: int) -> Optional[torch.Tensor]:

@@ -16,6 +16,8 @@ This module only reads and checks the file; the encoding runs in ComfyUI's own C
 """
 from __future__ import annotations
 
+import os
+
 import enum
 import re
 from typing import Mapping
@@ -85,9 +87,9 @@ def read_task_file(sd: Mapping[str, torch.Tensor], path: str):
     if missing:
         found = sorted(vectors) or "none"
         raise CheckpointFormatError(
-            f"{path} holds no PowerPaint task embeddings for {', '.join(missing)} (found: {found}); expected the "
-            "authors' PowerPaint_Brushnet/pytorch_model.bin, whose keys end in "
-            "'token_embedding.trainable_embeddings.P_ctxt' / 'P_shape' / 'P_obj'")
+            f"{os.path.basename(str(path))}: expected the authors' PowerPaint_Brushnet/pytorch_model.bin, whose keys "
+            "end in 'token_embedding.trainable_embeddings.P_ctxt' / 'P_shape' / 'P_obj'; got no task embeddings for "
+            f"{', '.join(missing)} (found: {found})")
     shapes = {tuple(v.shape) for v in vectors.values()}
     if len(shapes) != 1 or any(len(s) != 2 or s[1] != CLIP_L_WIDTH for s in shapes):
         raise CheckpointFormatError(

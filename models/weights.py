@@ -163,9 +163,11 @@ def single_tensor(obj: Any, path: str) -> torch.Tensor:
         if len(tensors) == 1:
             check_weights(dict(tensors), path)
             return tensors[0][1]
-        raise CheckpointFormatError(
-            f"{os.path.basename(path)} holds {len(tensors)} tensors; expected exactly one (an embedding)")
-    raise CheckpointFormatError(f"{os.path.basename(path)} holds a {type(obj).__name__}; expected a tensor")
+        inner = sum(isinstance(v, Mapping) for v in obj.values())
+        given = f"{len(tensors)} tensors" + (f" and {inner} containers of more (a model's weights)" if inner else "")
+        raise CheckpointFormatError(f"{os.path.basename(path)}: expected one tensor (an embedding); got {given}. "
+                                    "Choose the embedding file (e.g. txt_256.pt / vec.pt)")
+    raise CheckpointFormatError(f"{os.path.basename(path)}: expected a tensor; got a {type(obj).__name__}")
 
 
 def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -187,8 +189,8 @@ def require_keys(sd: Mapping[str, Any], keys: Iterable[str], what: str, path: st
     if missing:
         found = ", ".join(sorted(sd)[:6]) + (" …" if len(sd) > 6 else "")
         raise CheckpointFormatError(
-            f"{os.path.basename(path)} is not {what}: missing {', '.join(missing[:4])}"
-            f"{' …' if len(missing) > 4 else ''}. Found keys: {found}")
+            f"{os.path.basename(path)}: expected {what}; got a file without {', '.join(missing[:4])}"
+            f"{' …' if len(missing) > 4 else ''} (its keys: {found}). Choose a file of that kind")
 
 
 def listing(names, limit: int = 5) -> str:

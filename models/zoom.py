@@ -131,15 +131,17 @@ def paste_back(image: torch.Tensor, inpainted: torch.Tensor, info: CropInfo, fea
     [B,3,H,W]; pixels where the crop info's mask is 0 are returned bit-for-bit unchanged."""
     B, _, H, W = image.shape
     if (H, W) != (info.height, info.width):
-        raise ValueError(f"image is {W}x{H} but the crop was taken from a {info.width}x{info.height} image; "
-                         "connect the image that went into Crop To Mask")
+        raise ValueError(f"expected image to be the {info.width}x{info.height} image the crops were taken from; got "
+                         f"a {W}x{H} image. Connect the image that went into Crop To Mask")
     if B != len(info.boxes):
-        raise ValueError(f"image batch is {B} but the crop info describes {len(info.boxes)} crops")
+        raise ValueError(f"expected image with a batch of 1 or {len(info.boxes)} (the crops crop_info describes); got "
+                         f"a batch of {B}. Give the image that went into Crop To Mask")
     if inpainted.shape[0] != B:
-        raise ValueError(f"inpainted batch is {inpainted.shape[0]} but {B} crops were taken")
+        raise ValueError(f"expected inpainted with a batch of {B} (one per crop); got a batch of {inpainted.shape[0]}. "
+                         "Decode the latent sampled from Crop To Mask's crops")
     if inpainted.shape[-1] != inpainted.shape[-2]:
-        raise ValueError(f"inpainted is {inpainted.shape[-1]}x{inpainted.shape[-2]}; Crop To Mask made square "
-                         f"{info.resolution}x{info.resolution} crops, and the result must stay square")
+        raise ValueError(f"expected a square inpainted image (Crop To Mask made {info.resolution}x{info.resolution} "
+                         f"crops); got {inpainted.shape[-1]}x{inpainted.shape[-2]}. Keep the crops square")
     out = image.clone()
     weights = feather_weights(info.mask.to(image.device, image.dtype), feather)
     for i, box in enumerate(info.boxes):

@@ -160,12 +160,12 @@ def test_wrong_file_in_loader_names_expected_layout(comfy, run_prompt, graph, as
     prior = g.node("ConsistentInpaintASUKALoader", mae="align_sd15_test.pt", alignment="align_sd15_test.pt",
                    alignment_pooled="none", null_tokens="none", null_pooled="none")
     g.node("CITestCapture", value=prior.out(0))
-    with pytest.raises(comfy.PromptError, match="not an ASUKA MAE prior"):
+    with pytest.raises(comfy.PromptError, match="expected an ASUKA MAE prior"):
         run_prompt(g)
     g2 = comfy.graph()
     dec = g2.node("ConsistentInpaintHarmonizingDecoderLoader", decoder="mae_test.pth")
     g2.node("CITestCapture", value=dec.out(0))
-    with pytest.raises(comfy.PromptError, match="not an ASUKA harmonizing decoder"):
+    with pytest.raises(comfy.PromptError, match="expected an ASUKA harmonizing decoder"):
         run_prompt(g2)
 
 

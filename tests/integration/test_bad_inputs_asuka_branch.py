@@ -100,11 +100,11 @@ def test_asuka_loader_refuses_damaged_and_hostile_files(comfy, files, ex, field,
 
 
 @pytest.mark.parametrize("field,name,words", [
-    ("mae", "align_sd15_test.pt", ("not an ASUKA MAE prior",)),
-    ("mae", "decoder_sd_test.ckpt", ("not an ASUKA MAE prior",)),
-    ("mae", "foreign_branch.safetensors", ("not an ASUKA MAE prior",)),
-    ("alignment", "mae_test.pth", ("not an ASUKA alignment module",)),
-    ("alignment", "foreign_branch.safetensors", ("not an ASUKA alignment module",)),
+    ("mae", "align_sd15_test.pt", ("expected an ASUKA MAE prior",)),
+    ("mae", "decoder_sd_test.ckpt", ("expected an ASUKA MAE prior",)),
+    ("mae", "foreign_branch.safetensors", ("expected an ASUKA MAE prior",)),
+    ("alignment", "mae_test.pth", ("expected an ASUKA alignment module",)),
+    ("alignment", "foreign_branch.safetensors", ("expected an ASUKA alignment module",)),
     ("alignment", "align_96_in.pt", ("takes 96-wide input but the MAE prior is 128 wide",)),
     ("null_pooled", "vec_test.pt", ("null_pooled given without alignment_pooled",)),
 ])
@@ -196,8 +196,8 @@ def test_decoder_loader_refuses_damaged_and_hostile_files(comfy, files, ex, vari
 @pytest.mark.parametrize("kw,words", [
     (dict(dtype="float64"), ("expected dtype to be one of",)),
     (dict(decoder="nope.ckpt"), ("expected decoder to be one of",)),
-    (dict(decoder="mae_test.pth"), ("Load Harmonizing Decoder: ", "not an ASUKA harmonizing decoder")),
-    (dict(decoder="foreign_branch.safetensors"), ("Load Harmonizing Decoder: ", "not an ASUKA harmonizing decoder")),
+    (dict(decoder="mae_test.pth"), ("Load Harmonizing Decoder: ", "expected an ASUKA harmonizing decoder")),
+    (dict(decoder="foreign_branch.safetensors"), ("Load Harmonizing Decoder: ", "expected an ASUKA harmonizing decoder")),
 ])
 def test_decoder_loader_refuses(comfy, files, ex, kw, words):
     g = comfy.graph()
@@ -488,7 +488,7 @@ def test_task_prompt_refuses_damaged_and_hostile_files(comfy, files, ex, variant
     ("fitting_high", ("expected fitting_degree between 0.0 and 1.0", "got 2.0")),
     ("fitting_link_high", ("PowerPaint Task Prompt: expected fitting_degree between 0.0 and 1.0",)),
     ("missing_file", ("expected task_embeddings to be one of",)),
-    ("branch_file", ("PowerPaint Task Prompt: ", "holds no PowerPaint task embeddings")),
+    ("branch_file", ("PowerPaint Task Prompt: ", "expected the authors' PowerPaint_Brushnet", "got no task embeddings")),
     ("no_clip", ("PowerPaint Task Prompt: expected a clip input", "Connect the SD1.5 CLIP")),
 ])
 def test_task_prompt_refuses(comfy, files, ex, task_files, case, words):  # noqa: F811

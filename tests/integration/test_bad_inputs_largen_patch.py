@@ -634,13 +634,13 @@ def _(g, e):
     crop = crop_node(g, image=image)
     capture(g, g.node("ConsistentInpaintPasteBack", image=noise(g, 32, 64), inpainted=crop.out(0),
                       crop_info=crop.out(2), feather=4).out(0))
-    return refused(f"{PASTE}: image is 32x64 but the crop was taken from a 64x64 image")
+    return refused(f"{PASTE}: expected image to be the 64x64 image the crops were taken from; got a 32x64 image")
 
 
 @case("paste-not-square")
 def _(g, e):
     paste_node(g, inpainted=noise(g, 64, 48))
-    return refused(f"{PASTE}: inpainted is 64x48; Crop To Mask made square")
+    return refused(f"{PASTE}: expected a square inpainted image", "got 64x48")
 
 
 @case("paste-nan-inpainted")
@@ -652,7 +652,7 @@ def _(g, e):
 @case("paste-batch-mismatch")
 def _(g, e):
     paste_node(g, inpainted=noise(g, b=2))
-    return refused(f"{PASTE}: inpainted batch is 2 but 1 crops were taken")
+    return refused(f"{PASTE}: expected inpainted with a batch of 1 \\(one per crop\\); got a batch of 2")
 
 
 @case("paste-1x1")

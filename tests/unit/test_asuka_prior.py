@@ -174,9 +174,9 @@ def test_batch_items_are_independent(files):
 
 
 def test_wrong_files_get_clear_errors(files, tmp_path):
-    with pytest.raises(CheckpointFormatError, match="not an ASUKA MAE prior"):
+    with pytest.raises(CheckpointFormatError, match="expected an ASUKA MAE prior"):
         asuka.load_mae(str(files / "asuka_alignment_t5.pt"))
-    with pytest.raises(CheckpointFormatError, match="not an ASUKA alignment"):
+    with pytest.raises(CheckpointFormatError, match="expected an ASUKA alignment"):
         asuka.load_alignment(str(files / "mae_300.pth"))
     sd = layouts.alignment_state_dict(in_dim=128, dim=256, head_dim=64)
     del sd["3.linear2.weight"]

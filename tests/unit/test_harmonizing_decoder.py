@@ -79,7 +79,7 @@ def test_known_region_uses_original_pixels_only_through_masked_image(ckpt):
 
 def test_wrong_files(ckpt, tmp_path):
     torch.save(layouts.alignment_state_dict(dim=64, in_dim=32, head_dim=32), tmp_path / "align.pt")
-    with pytest.raises(CheckpointFormatError, match="not an ASUKA harmonizing decoder"):
+    with pytest.raises(CheckpointFormatError, match="expected an ASUKA harmonizing decoder"):
         asuka.load_decoder(str(tmp_path / "align.pt"))
     sd = layouts.decoder_checkpoint(z=16, **SMALL)
     sd["state_dict"]["decoder.up.0.attn.0.q.weight"] = torch.zeros(32, 32, 1, 1)

@@ -85,8 +85,11 @@ def test_single_tensor_containers(tmp_path):
     save_file({"vec": t}, tmp_path / "vec.safetensors")
     for n in ("vec.pt", "vec.safetensors"):
         assert torch.equal(single_tensor(load_weights(str(tmp_path / n)), n), t)
-    with pytest.raises(CheckpointFormatError, match="exactly one"):
+    with pytest.raises(CheckpointFormatError, match=r"two.safetensors: expected one tensor .*; got 2 tensors\."):
         single_tensor({"a": t, "b": t}, "two.safetensors")
+    # a model's weights in a container (e.g. the MAE's {"model": {...}}) is not counted as "0 tensors"
+    with pytest.raises(CheckpointFormatError, match=r"got 0 tensors and 1 containers of more"):
+        single_tensor({"model": {"a": t, "b": t}}, "mae_300.pth")
 
 
 @pytest.mark.parametrize("bad,match", [(float("nan"), "lin.weight holds NaN or infinite"),
