@@ -590,8 +590,9 @@ def detect(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = 
                 f"{_name(path)} is PowerPaint's task-prompt text encoder, not the branch: load it with the "
                 "'PowerPaint Task Prompt' node, and the branch (diffusion_pytorch_model.safetensors) here")
         raise CheckpointFormatError(
-            f"{_name(path)} is not an inpaint-branch file. Found: {_families(sd)}. Accepted: {accepted_layouts()} "
-            f"(signature keys: {'; '.join(f'{s.layout}: ' + ', '.join(s.signature) for s in SOURCES)}).")
+            f"{_name(path)}: expected an inpaint-branch file ({accepted_layouts()}; signature keys: "
+            f"{'; '.join(f'{s.layout}: ' + ', '.join(s.signature) for s in SOURCES)}); got a file of {_families(sd)}. "
+            "Choose the branch's diffusion_pytorch_model.safetensors (or a PainterNet file)")
     config, middle, (n_down, n_up) = source.read(sd, path)
     attention = config["use_spatial_transformer"]
     adm = config["adm_in_channels"] is not None

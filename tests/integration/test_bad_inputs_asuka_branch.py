@@ -296,7 +296,7 @@ def test_branch_loader_refuses_damaged_and_hostile_files(comfy, files, ex, varia
 @pytest.mark.parametrize("kw,words", [
     (dict(dtype="float64"), ("expected dtype to be one of",)),
     (dict(branch="nope.safetensors"), ("expected branch to be one of",)),
-    (dict(branch="foreign_align.pt"), ("not an inpaint-branch file",)),
+    (dict(branch="foreign_align.pt"), ("expected an inpaint-branch file",)),
     (dict(branch="ppt_vectors_only.bin"), ("PowerPaint's task-prompt text encoder, not the branch",)),
 ])
 def test_branch_loader_refuses(comfy, files, ex, kw, words):

@@ -319,7 +319,7 @@ def _bad_graph(g, ckpt, case):
     ("mask_size", "mask is 48x48 but image is 64x64"),
     ("batch", "image batch is 2 but mask batch is 3"),
     ("start_end", "start_percent"),
-    ("wrong_file", "not an inpaint-branch file. Found: conv .* Accepted: BrushNet SD1.5"),
+    ("wrong_file", "expected an inpaint-branch file \\(BrushNet SD1.5.*got a file of conv"),
 ])
 def test_bad_inputs_give_clear_errors(comfy, run_prompt, graph, unet_ckpt, branch_files, case, match):
     if case == "wrong_file":
