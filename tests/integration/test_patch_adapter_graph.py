@@ -338,8 +338,8 @@ def test_patches_share_a_batch(comfy, run_prompt, graph, files, calls):
 
 
 @pytest.mark.parametrize("kw, pattern", [
-    (dict(ref=(512, 256)), r"High-Res Patch Refine \(Patch-Adapter\): reference is 512x256 .* but the image is "
-                           r"2048x2048"),
+    (dict(ref=(512, 256)), r"High-Res Patch Refine \(Patch-Adapter\): expected a reference with the aspect ratio of "
+                           r"the 2048x2048 image .*; got a reference of 512x256"),
     (dict(patch=500), r"High-Res Patch Refine \(Patch-Adapter\): patch_size 500 is not a multiple of the VAE's "
                       r"latent factor 8"),
     (dict(overlap=256), r"\(ConsistentInpaintHighResPatchRefine\):\n.*expected overlap smaller than patch_size "
