@@ -3,7 +3,6 @@ checkpoint (full CLIP-L and VAE) and the harmonizing decoder from that checkpoin
 images. Each loss goes down on a fixed batch, only what should train gets gradients, the prior substitution and the
 augmentations do what the paper says, the command line trains, samples, saves and resumes, and every written file
 loads in the pack's loader nodes and gives exactly what the trainer computed."""
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 from PIL import Image
 
 import layouts
-from training_support import loss_rows as _rows, mixed_precision_losses, pack as _pack, run_train_py
+from training_support import loss_rows as _rows, mixed_precision_losses, pack as _pack, run_train_py, install_output
 
 
 
@@ -197,8 +196,7 @@ def _cli(comfy, method, config: dict, out: Path, steps: int):
 
 def _install(comfy, src: Path, name: str) -> str:
     folder = Path(comfy.folder_paths.get_folder_paths("asuka")[0])
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(src, folder / name)
+    install_output(src, folder, name)
     comfy.folder_paths.filename_list_cache.clear()
     return name
 

@@ -30,7 +30,7 @@ from PIL import Image
 import test_largen_graph
 from test_largen_graph import _graph
 from training_support import fit, loss_rows, mixed_precision_losses, run_train_py
-from training_support import pack as _pack, write_data
+from training_support import pack as _pack, write_data, install_output
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIP_W = 128                       # the small CLIP vision width (ViT-H's is 1280)
@@ -390,7 +390,7 @@ def test_command_line_trains_samples_saves_and_resumes_and_the_file_loads(
 
     folder = comfy.models_dir / "largen"
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(out / "largen_stage1.safetensors", folder / "largen_trained_test.safetensors")
+    install_output(out / "largen_stage1.safetensors", folder, "largen_trained_test.safetensors")
     init, _ = _trainer(comfy, files, data_dir, tmp_path / "init")
     init.save(folder / "largen_init_test.safetensors")
     comfy.folder_paths.filename_list_cache.clear()
@@ -421,7 +421,7 @@ def test_stage2_file_loads_in_the_refinenet_loader_and_changes_the_result(
     for _ in range(2):
         trainer.train_step(b)
     trainer.save(folder / "refinenet_trained_test.safetensors")
-    shutil.copy(files["largen"], folder / "largen_stage2_main_test.safetensors")
+    install_output(files["largen"], folder, "largen_stage2_main_test.safetensors")
     comfy.folder_paths.filename_list_cache.clear()
     loaded = _pack(comfy, "nodes.largen").load_refinenet(str(folder / "refinenet_trained_test.safetensors"), "float32")
     mine = trainer.refine.net.state_dict()

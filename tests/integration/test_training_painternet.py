@@ -2,7 +2,6 @@
 three synthetic images: the loss goes down on a fixed batch, ATAL reaches the branch's cross-attention, the command
 line trains, samples, saves and resumes, and the file it writes loads in Load Inpaint Branch and changes the
 sampled result (the untrained, zero-connected branch does not)."""
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ from PIL import Image
 
 from test_branch_graph import _graph
 from training_support import fit, loss_rows, mixed_precision_losses, run_train_py, write_data
-from training_support import pack as _pack
+from training_support import install_output, pack as _pack
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +134,7 @@ def test_command_line_trains_samples_saves_and_resumes_and_the_file_loads(
 
     folder = Path(comfy.folder_paths.get_folder_paths("inpaint_branch")[0])
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(out / "painternet.safetensors", folder / "painternet_trained_test.safetensors")
+    install_output(out / "painternet.safetensors", folder, "painternet_trained_test.safetensors")
     trainer, _ = _trainer(comfy, base_ckpt, data_dir, tmp_path / "init")
     trainer.save(folder / "painternet_initial_test.safetensors")
     comfy.folder_paths.filename_list_cache.clear()

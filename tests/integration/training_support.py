@@ -19,6 +19,20 @@ def pack(comfy, sub: str):
     return importlib.import_module(f"{comfy.pack_module.__name__}.{sub}")
 
 
+def install_output(src: Path, folder: Path, name: str) -> Path:
+    """Put a trained file into a ComfyUI model folder as ``name`` by a hard link (a copy across file systems), so
+    the hundreds of MB a trainer wrote are not stored twice; the test's own folder is deleted when it passes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dst = folder / name
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        import shutil
+        shutil.copyfile(src, dst)
+    return dst
+
+
 def write_data(folder: Path, prompts, size=(80, 64), box=lambda i: (16, 44, 20 + 10 * i, 56), grid=(4, 5),
                seed: int = 0) -> Path:
     """``img{i}.png`` per prompt (a ``grid`` of random colours upscaled bicubically to ``size`` = (width, height)),
