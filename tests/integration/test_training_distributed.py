@@ -42,7 +42,6 @@ let it train DDP while the user believes the weights are sharded; the FSDP compa
 import io
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -133,7 +132,8 @@ def test_two_processes_equal_one_process_with_the_global_batch_and_with_accumula
         cfg = _config(tmp_path / f"{name}.toml", base_ckpt, tmp_path / name, data=str(data_dir), batch_size=2, steps=3)
         _train(comfy, procs, cfg, *flags)
         runs[name] = _weights(tmp_path / name)
-        shutil.rmtree(tmp_path / name)          # 1.8 GB of weights and state per run; the weights are in `runs`
+        for heavy in ("state.pt", "painternet.safetensors"):      # 1.8 GB per run; the weights are in `runs`
+            (tmp_path / name / heavy).unlink()
     noise = _dist(runs["batch"], runs["accum"])
     apart = _dist(runs["batch"], runs["other"])
     tol = 4 * noise
