@@ -5,7 +5,7 @@ driven by link, and one assertion per class of outcome.
   size, batch, channel count and content (``fill``: noise, zeros, ones, nan, inf, grid), that ComfyUI's own
   nodes cannot make (NaN pixels, 1x1 sizes, 2-channel images, 5-D latents).
 * ``bad_copies(folder, stem, good)``: the file set every loader is tried with (NaN, Inf, integer weights, a hostile
-  pickle, a damaged file) -> {variant: file name}.
+  pickle, a damaged file) -> {variant: file name}; ``delete_later`` removes them when the module ends.
 * ``link(g, value)``: the output of a core Primitive node, to drive a widget by link (ComfyUI then passes None to
   ``validate_inputs`` and the value exists only at execution).
 * ``refused(comfy, graph, node, *words)``: the prompt fails *because of* ``node``, with a message holding every
@@ -157,6 +157,19 @@ def bad_copies(folder: Path, stem: str, good, ext: str = ".pt", key=None) -> dic
     names["garbage_st"] = f"{stem}_garbage.safetensors"
     (folder / names["garbage_st"]).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     return names
+
+
+def delete_later(comfy, *folders: Path):
+    """A finalizer deleting every file that appears in ``folders`` from now on: a module fixture registers it with
+    ``request.addfinalizer`` so the GB of damaged copies it writes into ComfyUI's model folders do not outlive the
+    module."""
+    before = {p for f in folders for p in f.iterdir()}
+
+    def delete():
+        for p in {p for f in folders for p in f.iterdir()} - before:
+            p.unlink(missing_ok=True)
+        comfy.folder_paths.filename_list_cache.clear()
+    return delete
 
 
 # what each damaged variant is refused with

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 import branch_layouts as published
 import layouts
-from bad_inputs_support import BAD_FILE_WORDS, bad_copies, image, latent, link, mask, refused, tensor_nodes  # noqa: F401
+from bad_inputs_support import BAD_FILE_WORDS, bad_copies, delete_later, image, latent, link, mask, refused
+from bad_inputs_support import tensor_nodes  # noqa: F401 (fixture)
 from test_asuka_graph import asuka_files  # noqa: F401  (fixture)
 from test_branch_compose import task_files  # noqa: F401  (fixture)
 from test_branch_graph import branch_files, tiny_sdxl, unet_ckpt  # noqa: F401  (fixtures)
@@ -28,9 +29,10 @@ DECODER_USED_KEY = "decoder.conv_in.weight"
 
 
 @pytest.fixture(scope="module")
-def files(comfy, asuka_files, branch_files, task_files):   # noqa: F811
-    """Damaged, hostile and foreign copies in models/asuka and models/inpaint_branch."""
+def files(comfy, asuka_files, branch_files, task_files, request):   # noqa: F811
+    """Damaged, hostile and foreign copies in models/asuka and models/inpaint_branch (deleted when the module ends)."""
     a, b = comfy.models_dir / "asuka", comfy.models_dir / "inpaint_branch"
+    request.addfinalizer(delete_later(comfy, a, b))
     out = dict(
         mae=bad_copies(a, "bad_mae", layouts.mae_checkpoint(dim=192, depth=2, dec_dim=128, dec_depth=8)),
         align=bad_copies(a, "bad_align", layouts.alignment_state_dict(seed=3, in_dim=128, dim=768, head_dim=64)),

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bad_inputs_support import BAD_FILE_WORDS, PWNED, bad_copies
+from bad_inputs_support import BAD_FILE_WORDS, PWNED, bad_copies, delete_later
 from test_branch_graph import tiny_sdxl  # noqa: F401 (fixture)
 from test_largen_graph import CKPT, CLIP_W, IP, clip_vision_node, largen_files, vae_name  # noqa: F401 (fixtures)
 from test_patch_adapter_graph import files  # noqa: F401 (fixture)
@@ -45,10 +45,12 @@ class _Hostile:
 
 @pytest.fixture(scope="module")
 def env(comfy, largen_files, clip_vision_node, vae_name, files, flux_vae, flux_fill_unet, tiny_sdxl,
-        tmp_path_factory):
-    """Names of every file and test node the cases use, plus the executor they share."""
+        tmp_path_factory, request):
+    """Names of every file and test node the cases use, plus the executor they share (the files it writes are
+    deleted when the module ends)."""
     marker = tmp_path_factory.mktemp("hostile") / MARKER
     lg, pa = comfy.models_dir / "largen", comfy.models_dir / "patch_adapter"
+    request.addfinalizer(delete_later(comfy, lg, pa))
     with open(lg / "hostile.pth", "wb") as f:                        # a plain pickle
         pickle.dump({"model": _Hostile(str(marker))}, f)
     torch.save({"state_dict": _Hostile(str(marker))}, lg / "hostile_zip.pt")     # torch's zip pickle
