@@ -7,6 +7,7 @@ folder fails the run (CI must exercise the frontend).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -32,10 +33,14 @@ def pytest_report_header(config):
 
 
 @pytest.fixture(scope="session")
-def artifacts(tmp_path_factory) -> Path:
-    """Where screenshots and logs go: ``$CONSISTENT_INPAINT_BROWSER_ARTIFACTS`` or a pytest temporary folder."""
+def artifacts() -> Path:
+    """Where screenshots and logs go: ``$CONSISTENT_INPAINT_BROWSER_ARTIFACTS``, or
+    ``<tempdir>/consistent_inpaint_browser_artifacts`` emptied of an earlier run's files. Not a pytest temporary
+    folder: pytest deletes those when the run passes (pyproject.toml), and the screenshots are kept."""
     p = os.environ.get(ENV_ARTIFACTS)
-    path = Path(p) if p else tmp_path_factory.mktemp("browser_artifacts")
+    path = Path(p) if p else Path(tempfile.gettempdir()) / "consistent_inpaint_browser_artifacts"
+    if not p:
+        shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
