@@ -1,4 +1,4 @@
-"""What the LAR-Gen and Patch-Adapter nodes accept, checked before any work (issue 19): the model and VAE families
+"""What the LAR-Gen and Patch-Adapter nodes accept, checked before any work: the model and VAE families
 they work on, the smallest images, per-image batches against the latent batch, and the node's name on the errors of
 the shared helpers in ``models/``. Widget values (ranges, combos, values by link) are checked by
 ``nodes.common.CheckedNode``; every refusal reads as ``nodes.checks.refuse`` writes it.

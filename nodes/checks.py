@@ -1,4 +1,4 @@
-"""How a node refuses an input: one message style and the checks every node shares (issue 19).
+"""How a node refuses an input: one message style and the checks every node shares.
 
 Every refusal reads ``<node display name>: expected <what>; got <what>. <what to do>`` so a user sees in ComfyUI's
 error box which node stopped, why, and how to fix it. Checks that need a widget value run twice: in

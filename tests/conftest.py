@@ -69,8 +69,8 @@ _trim_seconds, _test_start = [0.0], [0.0]
 def pytest_runtest_teardown(item, nextitem):
     """After every test (trylast: its fixtures are finalized by then): collect the cycles a finished test left (trainers
     and models hold some: a PainterNet trainer module peaked at 12.9 GB without, 7.2 GB with) and trim, so the next
-    test and the trainer subprocesses start from the live memory only (CI memory budget, issue 17). The time it costs
-    is printed at the end."""
+    test and the trainer subprocesses start from the live memory only (CI's memory: the README's Test section). The
+    time it costs is printed at the end."""
     t0 = time.perf_counter()
     if nextitem is None or nextitem.module is not item.module or t0 - _test_start[0] > 1.0:
         gc.collect()          # ~0.4 s with ComfyUI loaded: after tests long enough to have built models

@@ -1,4 +1,4 @@
-"""Shared pieces of the bad-input matrices (issue 19): test-only tensor nodes, damaged / hostile weight files, values
+"""Shared pieces of the bad-input matrices: test-only tensor nodes, damaged / hostile weight files, values
 driven by link, and one assertion per class of outcome.
 
 * ``tensor_nodes`` (session fixture): registers ``CITestImage`` / ``CITestMask`` / ``CITestLatent``, tensors of any

@@ -1,4 +1,4 @@
-"""Bad-input matrix (issue 19) for the ASUKA, inpaint-branch and Training Mask nodes, in real ComfyUI: every case is a
+"""Bad-input matrix for the ASUKA, inpaint-branch and Training Mask nodes, in real ComfyUI: every case is a
 prompt validated and executed by ComfyUI, and asserts its class of outcome: a refusal by the node under test whose
 message names what was expected (``bad_inputs_support.refused``), or the defined result the README documents.
 

@@ -1,4 +1,4 @@
-"""Bad inputs to the LAR-Gen and Patch-Adapter nodes inside real ComfyUI (issue 19): every case goes through
+"""Bad inputs to the LAR-Gen and Patch-Adapter nodes inside real ComfyUI: every case goes through
 ComfyUI's prompt validation and execution and asserts the class of its outcome — a refusal that names the node and
 what it expected (``InputError`` at execution, or ComfyUI's "Custom validation failed"), or a defined result the
 README documents. Classes: values driven by links (ComfyUI checks neither their ranges nor the nodes' cross checks),
