@@ -127,8 +127,10 @@ def feather_weights(mask: torch.Tensor, feather: int) -> torch.Tensor:
 
 
 def paste_back(image: torch.Tensor, inpainted: torch.Tensor, info: CropInfo, feather: int) -> torch.Tensor:
-    """image [B,3,H,W] (the original), inpainted [B,3,h,w] (the crops after sampling, any square size) ->
-    [B,3,H,W]; pixels where the crop info's mask is 0 are returned bit-for-bit unchanged."""
+    """image [B,3,H,W] (the original; a batch of 1 serves every crop), inpainted [B,3,h,w] (the crops after
+    sampling, any square size) -> [B,3,H,W]; pixels where the crop info's mask is 0 are returned bit-for-bit unchanged."""
+    if image.shape[0] == 1 and len(info.boxes) > 1:        # one image for every crop
+        image = image.expand(len(info.boxes), *image.shape[1:])
     B, _, H, W = image.shape
     if (H, W) != (info.height, info.width):
         raise ValueError(f"expected image to be the {info.width}x{info.height} image the crops were taken from; got "

@@ -695,10 +695,7 @@ class PasteBack(CheckedNode):
     def execute(cls, image, inpainted, crop_info, feather):
         cls.check_inputs(feather=feather)
         with named(cls):
-            img = image_to_bchw(image)
-            if img.shape[0] == 1:                        # one image for every crop
-                img = row_batch(img, len(crop_info.boxes), "image")
-            out = zoom.paste_back(img, image_to_bchw(inpainted, "inpainted"), crop_info, feather)
+            out = zoom.paste_back(image_to_bchw(image), image_to_bchw(inpainted, "inpainted"), crop_info, feather)
         return io.NodeOutput(bchw_to_image(out))
 
 

@@ -96,6 +96,18 @@ def test_empty_mask_and_mismatches_are_clear():
         zoom.paste_back(image[:1], torch.rand(1, 3, 64, 48), info, 0)
 
 
+def test_one_image_serves_every_crop():
+    image = torch.rand(1, 3, 32, 32)
+    masks = torch.cat([_mask(32, 32, (4, 8, 4, 8)), _mask(32, 32, (20, 30, 10, 28))])
+    crops, _, info = zoom.crop_to_mask(image.expand(2, -1, -1, -1), masks, 1.3, 64)
+    inpainted = torch.rand_like(crops)
+    out = zoom.paste_back(image, inpainted, info, 4)
+    assert torch.equal(out, zoom.paste_back(image.repeat(2, 1, 1, 1), inpainted, info, 4))
+    assert not torch.equal(out[0], out[1])                        # each crop went back into its own copy
+    with pytest.raises(ValueError, match=r"expected image with a batch of 1 or 2 .*; got a batch of 3"):
+        zoom.paste_back(torch.rand(3, 3, 32, 32), inpainted, info, 4)
+
+
 def test_prepare_subject_whitens_crops_and_squares():
     img = torch.zeros(1, 3, 50, 80)
     m = torch.zeros(1, 1, 50, 80)
