@@ -16,9 +16,8 @@ This module only reads and checks the file; the encoding runs in ComfyUI's own C
 """
 from __future__ import annotations
 
-import os
-
 import enum
+import os
 import re
 from typing import Mapping
 
@@ -27,6 +26,7 @@ import torch
 from .weights import CheckpointFormatError, check_tensors, check_weights
 
 TASK_WORDS = ("P_ctxt", "P_shape", "P_obj")
+
 
 class Task(str, enum.Enum):
     TEXT_GUIDED = "text-guided"

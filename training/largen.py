@@ -53,6 +53,7 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -200,6 +201,15 @@ def initial_refinenet(unet: nn.Module, clip_width: int, seed: int) -> RefineNetM
     return refinenet_from_parts(sd, {"weight": weight, "bias": bias}, "the initial RefineNet", "float32")
 
 
+class Sample(NamedTuple):
+    """One training image, prepared as the nodes prepare it."""
+    crop: torch.Tensor                  # [3, R, R], the zoom-in crop around the mask
+    hole: torch.Tensor                  # [1, R, R], 1 = inpaint
+    square: torch.Tensor                # [1, 3, s, s], the subject square CLIP sees
+    prompt: str
+    refine_in: Optional[torch.Tensor]   # [1, 3, r, r], the RefineNet's subject image (stage 2; None in stage 1)
+
+
 class LARGenTrainer:
     def __init__(self, cfg: LARGenConfig, clip=None, vae=None, clip_vision=None):
         check_config(cfg)
@@ -300,12 +310,10 @@ class LARGenTrainer:
                              f"in {self.cfg.data} have no name{MASK_SUFFIX} beside them: {', '.join(missing[:5])}")
         return data
 
-    def item(self, data: ImageFolder, i: int):
-        """-> (crop [3, R, R], hole [1, R, R] (1 = inpaint), subject square [1, 3, s, s] (the CLIP input), prompt,
-        the RefineNet's subject image [1, 3, r, r] (stage 2; None in stage 1))."""
+    def item(self, data: ImageFolder, i: int) -> "Sample":
         return self.item_of(Item(data.items[i].name, *data[i], 0))
 
-    def item_of(self, it: Item):
+    def item_of(self, it: Item) -> "Sample":
         pixels, mask, prompt = it.pixels, it.mask, it.prompt
         if mask is None or not (mask > 0.5).any():
             raise ValueError(f"{it.key}: its mask is empty; it must mark the object (white)")
@@ -319,7 +327,7 @@ class LARGenTrainer:
         else:
             crop = F.interpolate(img, size=(R, R), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
             hole = (F.interpolate(m, size=(R, R), mode="bilinear", antialias=True, align_corners=False) > 0.5).float()
-        return crop[0], hole[0], square, prompt, refine_in
+        return Sample(crop[0], hole[0], square, prompt, refine_in)
 
     def dropout(self, n: int, generator: torch.Generator):
         """-> (text dropped [n], image dropped [n]): independent Bernoulli draws, one generator."""
@@ -341,12 +349,12 @@ class LARGenTrainer:
             drop_text, drop_image = self.dropout(n, generator or self.drop_rng)
         else:
             drop_text = drop_image = torch.zeros(n, dtype=torch.bool)
-        pixels = torch.stack([c for c, _, _, _, _ in items])
-        hole = torch.stack([h for _, h, _, _, _ in items])
+        pixels = torch.stack([it.crop for it in items])
+        hole = torch.stack([it.hole for it in items])
         masked = pixels * (1 - hole) + 0.5 * hole            # as InpaintModelConditioning: hole grey
         raw, masked_raw = self.vae.encode(torch.cat([pixels, masked]).movedim(1, -1)).float().chunk(2)
-        context, pooled = self.encode_text.batch(["" if d else p for (_, _, _, p, _), d in zip(items, drop_text.tolist())])
-        squares = [s for _, _, s, _, _ in items]
+        context, pooled = self.encode_text.batch(["" if d else it.prompt for it, d in zip(items, drop_text.tolist())])
+        squares = [it.square for it in items]
         pens, lasts = zip(*(encode_subject(self.clip_vision, s) for s in squares))    # sizes differ: one by one
         tokens = self.adapter.resampler(torch.cat(pens).to(self.device, self.adapter.dtype)).float().cpu()
         tokens[drop_image] = self.zero_tokens                  # the node's unconditional image where dropped
@@ -355,7 +363,7 @@ class LARGenTrainer:
                  drop_image=drop_image, squares=squares)
         if self.stage == 2:
             b["clip_last"] = torch.cat(lasts).float()
-            refine_in = [r for _, _, _, _, r in items]          # as Apply LAR-Gen RefineNet builds its latent
+            refine_in = [it.refine_in for it in items]          # as Apply LAR-Gen RefineNet builds its latent
             b["subject_latent"] = subject_latent(self.vae, self.latent_format, refine_in, self.subject_resolution).cpu()
         return b
 
